@@ -1,0 +1,61 @@
+"""Session fixtures: a real local S3 endpoint and a real local Ray.
+
+Both bind to loopback only. Tests that use either are integration tests and
+say so with `@pytest.mark.integration`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.services import LocalS3, export_env
+
+# Offline, quiet and CPU-only, for every test and every process they start.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1 at a free port; the standard AWS settings
+    (AWS_ENDPOINT_URL and test credentials) point boto3 and friends at it."""
+    server = LocalS3().start()
+    saved = {key: os.environ.get(key) for key in server.env}
+    export_env(server.env)
+    yield server
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A fresh, empty bucket on the session's endpoint."""
+    return s3_server.new_bucket()
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray with 2 CPUs and 2 *logical* GPUs, so that GPU pinning
+    (num_gpus=1 per actor -> distinct CUDA_VISIBLE_DEVICES) is testable here."""
+    import ray
+
+    ray.init(
+        address="local",
+        num_cpus=2,
+        num_gpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,1 @@
+"""Data: the CT-RATE layout reader and the procedural chest phantom world."""
