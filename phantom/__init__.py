@@ -1,0 +1,1 @@
+"""The chest phantom world: procedural chest CTs with known findings, their reports, and CT-RATE-layout datasets."""
