@@ -13,6 +13,7 @@ from jobs.cli._app import app
 COMMAND_MODULES = (
     "jobs.cli.info",
     "jobs.cli.demo",
+    "jobs.cli.submit",
 )
 
 for _name in COMMAND_MODULES:

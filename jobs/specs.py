@@ -1,0 +1,145 @@
+"""Job specs: one pydantic model per job kind, read from YAML or JSON.
+
+A spec is validated completely before anything starts; an invalid one fails
+with the file and the dotted field path. The spec's canonical JSON is also
+what makes a submission id deterministic (see `jobs.submit`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+Precision = Literal["bf16", "fp16", "fp32"]
+Uri = Annotated[str, Field(min_length=1, description="a local path or an s3:// URI")]
+
+
+class SpecError(ValueError):
+    """A spec that cannot run; the message names the file and the field."""
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def canonical_json(self) -> str:
+        """Field order and formatting fixed, defaults included: two specs that
+        mean the same job serialise to the same bytes."""
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+
+
+class GenerateSpec(_Spec):
+    """Generate one volume per manifest record with a model bundle."""
+
+    kind: Literal["generate"]
+    manifest: Uri
+    output: Uri
+    bundle: Uri | None = Field(None, description="model bundle; default: the committed demo bundle")
+    run: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description="run name under output"
+    )
+    workers: int = Field(1, ge=1, le=4096)
+    gpus_per_worker: float = Field(0.0, ge=0, le=8)
+    cpus_per_worker: float = Field(1.0, gt=0, le=256)
+    precision: Precision = "bf16"
+    num_steps: int | None = Field(None, ge=1, le=1000)
+    guidance_scale: float | None = Field(None, ge=0, le=50)
+    batch_size: int = Field(1, ge=1, le=64)
+    nifti: bool = False
+    preview: bool = False
+
+
+class TrainSpec(_Spec):
+    """Train one stage (or build the whole demo bundle) with DeepSpeed."""
+
+    kind: Literal["train"]
+    stage: Literal["encoder", "vae", "ldm", "demo-bundle"]
+    preset: Literal["tiny", "demo", "paper"] = "demo"
+    data: Uri
+    output: Uri
+    deepspeed_config: Uri | dict[str, Any] | None = Field(
+        None,
+        description="a DeepSpeed JSON (path) or an inline dict; default: derived from the preset",
+    )
+    num_workers: int = Field(1, ge=1, le=1024, description="training processes (one per GPU)")
+    use_gpu: bool = False
+    resume: bool = True
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+
+class EvaluateSpec(_Spec):
+    """Measure a generated set against a phantom reference set."""
+
+    kind: Literal["evaluate"]
+    generated: Uri = Field(description="a generate job's index")
+    reference: Uri = Field(description="a phantom dataset in CT-RATE layout")
+    output: Uri
+
+
+class ShardSpec(_Spec):
+    """Split a large manifest into N shards (by a stable hash of the record id)."""
+
+    kind: Literal["shard"]
+    manifest: Uri
+    output: Uri = Field(
+        description="prefix; shards are written as <output>/shard-00000-of-00008.jsonl"
+    )
+    num_shards: int = Field(ge=1, le=100_000)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> ShardSpec:
+        if self.output.rstrip("/") == self.manifest.rstrip("/"):
+            raise ValueError("output must differ from manifest")
+        return self
+
+
+JobSpec = Annotated[
+    GenerateSpec | TrainSpec | EvaluateSpec | ShardSpec, Field(discriminator="kind")
+]
+_ADAPTER: TypeAdapter[JobSpec] = TypeAdapter(JobSpec)
+KINDS = ("generate", "train", "evaluate", "shard")
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid job spec"]
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        lines.append(f"  field '{where}': {item['msg']}")
+    return "\n".join(lines)
+
+
+def parse_spec(
+    data: Any, *, source: str = "<spec>"
+) -> GenerateSpec | TrainSpec | EvaluateSpec | ShardSpec:
+    if not isinstance(data, dict):
+        raise SpecError(
+            f"{source}: a job spec is a mapping with a 'kind' field, got {type(data).__name__}"
+        )
+    if data.get("kind") not in KINDS:
+        raise SpecError(
+            f"{source}: field 'kind' must be one of {', '.join(KINDS)}, got {data.get('kind')!r}"
+        )
+    try:
+        return _ADAPTER.validate_python(data)
+    except ValidationError as error:
+        # Drop the discriminator's tag from the path: 'generate.workers' -> 'workers'.
+        raise SpecError(_describe(error, source).replace(f"'{data['kind']}.", "'")) from None
+
+
+def load_spec(path: str | Path) -> GenerateSpec | TrainSpec | EvaluateSpec | ShardSpec:
+    """Read a YAML or JSON spec file (JSON is YAML) and validate it."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise SpecError(f"{path}: cannot read the spec: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise SpecError(f"{path}: not valid YAML/JSON: {error}") from None
+    return parse_spec(data, source=str(path))

@@ -1,0 +1,134 @@
+"""Submit job specs to a Ray cluster through Ray's Job Submission API.
+
+The submission id is derived from the spec's canonical JSON, so submitting the
+same spec twice is one job: the second call finds the first and reports it.
+Re-running a job that failed or was stopped is an explicit choice (`retry`),
+and safe, since the factory and the trainer resume where they stopped.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jobs.specs import EvaluateSpec, GenerateSpec, ShardSpec, TrainSpec
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+Spec = GenerateSpec | TrainSpec | EvaluateSpec | ShardSpec
+URI_FIELDS = ("manifest", "output", "bundle", "data", "generated", "reference", "deepspeed_config")
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+@dataclass(frozen=True)
+class Submission:
+    submission_id: str
+    status: str
+    created: bool  # False when an identical job already existed
+
+
+def submission_id(spec: Spec, *, attempt: int = 0) -> str:
+    base = f"ctfactory-{spec.kind}-{spec.digest()[:16]}"
+    return base if attempt == 0 else f"{base}-retry{attempt}"
+
+
+def entrypoint(spec: Spec) -> str:
+    """The shell command the job runs on the head node: the job kind's thin
+    entry module, with the whole spec inline (no file to ship)."""
+    return f"python -m jobs.{spec.kind} --spec-json {shlex.quote(spec.canonical_json())}"
+
+
+def absolutize(spec: Spec, *, base: Path) -> Spec:
+    """Make relative local paths absolute (against `base`), so the job means
+    the same files wherever its driver starts. s3:// URIs are left alone."""
+    updates: dict[str, Any] = {}
+    for name in URI_FIELDS:
+        value = getattr(spec, name, None)
+        if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():
+            updates[name] = str((base / value).resolve())
+    return spec.model_copy(update=updates) if updates else spec
+
+
+def _client(address: str):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address)
+
+
+def _existing_status(client, job_id: str) -> str | None:
+    try:
+        return str(client.get_job_info(job_id).status)
+    except RuntimeError as error:
+        # The SDK raises RuntimeError for an unknown id (HTTP 404) and for a
+        # failed request alike; only the first means "not submitted yet".
+        if "404" in str(error):
+            return None
+        raise
+
+
+def submit(
+    spec: Spec,
+    *,
+    address: str = DEFAULT_ADDRESS,
+    retry: bool = False,
+    runtime_env: dict[str, Any] | None = None,
+) -> Submission:
+    """Submit `spec` once. An identical spec already submitted is returned as
+    is; with `retry`, a failed or stopped one is submitted again under the
+    next attempt id (a running or succeeded one never is)."""
+    client = _client(address)
+    attempt = 0
+    while True:
+        job_id = submission_id(spec, attempt=attempt)
+        status = _existing_status(client, job_id)
+        if status is None:
+            break
+        if not retry or status not in {"FAILED", "STOPPED"}:
+            return Submission(job_id, status, created=False)
+        attempt += 1
+    try:
+        client.submit_job(
+            entrypoint=entrypoint(spec),
+            submission_id=job_id,
+            runtime_env=runtime_env,
+            metadata={"ctfactory.kind": spec.kind, "ctfactory.spec_sha256": spec.digest()},
+        )
+    except RuntimeError as error:
+        # Two submitters raced: the other one created it, which is the same job.
+        if "already exists" not in str(error):
+            raise
+        return Submission(job_id, str(client.get_job_info(job_id).status), created=False)
+    return Submission(job_id, str(client.get_job_info(job_id).status), created=True)
+
+
+def status(job_id: str, *, address: str = DEFAULT_ADDRESS) -> dict[str, Any]:
+    info = _client(address).get_job_info(job_id)
+    return {
+        "submission_id": job_id,
+        "status": str(info.status),
+        "message": info.message,
+        "entrypoint": info.entrypoint,
+        "start_time": info.start_time,
+        "end_time": info.end_time,
+        "metadata": info.metadata,
+    }
+
+
+def logs(job_id: str, *, address: str = DEFAULT_ADDRESS) -> str:
+    return _client(address).get_job_logs(job_id)
+
+
+def wait(
+    job_id: str, *, address: str = DEFAULT_ADDRESS, timeout_s: float = 3600, poll_s: float = 1.0
+) -> str:
+    """Block until the job reaches a terminal status; returns it."""
+    client = _client(address)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        current = str(client.get_job_info(job_id).status)
+        if current in TERMINAL:
+            return current
+        time.sleep(poll_s)
+    raise TimeoutError(f"job {job_id} not finished after {timeout_s:.0f} s")
