@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from tests.services import LocalS3, export_env
+from tests.services import LocalRayHead, LocalS3, export_env
 
 # Offline, quiet and CPU-only, for every test and every process they start.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -59,3 +59,13 @@ def ray_local():
     )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_head(s3_server):
+    """A Ray head started with `ray start --head` on loopback, with the Job
+    Submission API at `ray_head.address`; it sees the S3 endpoint through the
+    standard AWS settings, as a cluster's nodes would."""
+    head = LocalRayHead(env=s3_server.env).start()
+    yield head
+    head.stop()

@@ -5,6 +5,7 @@ can drive them (pause the endpoint, restart it) directly.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -113,3 +114,80 @@ class LocalS3:
 
 def export_env(env: dict[str, str]) -> None:
     os.environ.update(env)
+
+
+@dataclass
+class LocalRayHead:
+    """A Ray head started the way a cluster starts one (`ray start --head`),
+    with a dashboard on loopback for the Job Submission API.
+
+    It runs in its own process group and temp dir, so stopping it never
+    touches another Ray on the machine (the in-process `ray_local` fixture).
+    """
+
+    num_cpus: int = 2
+    port: int = field(default_factory=free_port)
+    dashboard_port: int = field(default_factory=free_port)
+    temp_dir: str = field(default_factory=lambda: f"/tmp/ray-head-{uuid.uuid4().hex[:8]}")
+    env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def start(self, timeout_s: float = 90.0) -> LocalRayHead:
+        bin_dir = os.path.dirname(sys.executable)
+        env = {
+            **os.environ,
+            **self.env,
+            "RAY_AUTH_MODE": "disabled",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            # Job entry points run `python -m jobs.<kind>`: this environment's python.
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
+        self.process = subprocess.Popen(
+            [
+                os.path.join(bin_dir, "ray"),
+                "start",
+                "--head",
+                "--block",
+                "--node-ip-address=127.0.0.1",
+                f"--port={self.port}",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dashboard_port}",
+                "--include-dashboard=true",
+                f"--num-cpus={self.num_cpus}",
+                "--num-gpus=0",
+                "--disable-usage-stats",
+                f"--temp-dir={self.temp_dir}",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ray start exited with {self.process.returncode}")
+            try:
+                urllib.request.urlopen(f"{self.address}/api/version", timeout=1).close()
+                return self
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"Ray dashboard did not answer on {self.address}")
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        pgid = os.getpgid(self.process.pid)
+        self.process.terminate()  # Ray drains, then stops its own processes...
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=5)
+        # ...but a test need not wait out the drain: end the whole group.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+        self.process = None
+        subprocess.run(["rm", "-rf", self.temp_dir], check=False)
