@@ -90,3 +90,10 @@ def test_absolutize_makes_local_paths_absolute(tmp_path):
     resolved = absolutize(spec, base=tmp_path)
     assert resolved.manifest == str(tmp_path / "m.jsonl")
     assert resolved.output == "s3://b/o"
+
+
+def test_every_example_spec_is_valid():
+    from pathlib import Path
+
+    examples = sorted((Path(__file__).resolve().parents[2] / "examples" / "jobs").glob("*.yaml"))
+    assert {load_spec(path).kind for path in examples} == {"generate", "train", "evaluate", "shard"}
