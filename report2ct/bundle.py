@@ -1,0 +1,390 @@
+"""Model bundles: a directory with `config.json`, `*.safetensors` weights,
+text encoders shipped inside it (ordinary transformers directories), and
+`SHA256SUMS` covering every file.
+
+Loading verifies every checksum *before* anything is built, refuses files the
+sums do not list, and refuses any file type that could carry code or a
+pickle: only data formats on an allow-list are accepted, and weights are read
+with safetensors alone. The bundle's identity (`bundle_sha256`, written into
+every output's provenance) is the sha256 of its `SHA256SUMS`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from report2ct.config import ModelConfig, preset
+
+FORMAT = "report2ct-bundle/1"
+SUMS = "SHA256SUMS"
+# Data formats only: no pickles (.bin/.pt/.pth/.pkl/.ckpt), no code (.py).
+ALLOWED_SUFFIXES = {".json", ".safetensors", ".txt", ".md", ".png", ".csv", ".model"}
+WEIGHT_FILES = {"vae": "vae.safetensors", "denoiser": "denoiser.safetensors"}
+
+
+class BundleError(RuntimeError):
+    """A bundle that must not be loaded; the message names the file."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(root: Path) -> list[str]:
+    out = []
+    for path in sorted(root.rglob("*")):
+        if path.is_symlink():
+            raise BundleError(f"{path}: symbolic links are not allowed in a bundle")
+        if path.is_file():
+            out.append(path.relative_to(root).as_posix())
+    return out
+
+
+def write_checksums(root: Path) -> str:
+    """(Re)write SHA256SUMS over every file; returns the bundle sha256."""
+    lines = [f"{_sha256(root / name)}  {name}\n" for name in _files(root) if name != SUMS]
+    (root / SUMS).write_text("".join(lines))
+    return hashlib.sha256((root / SUMS).read_bytes()).hexdigest()
+
+
+def verify_bundle(path: str | Path) -> str:
+    """Check a bundle directory completely; return its sha256.
+
+    Raises BundleError for: a missing directory or SHA256SUMS, a malformed
+    line, a listed file missing or modified, a file not listed, a file type
+    not on the allow-list.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise BundleError(f"{root}: not a bundle directory")
+    sums_path = root / SUMS
+    if not sums_path.is_file():
+        raise BundleError(f"{root}: missing {SUMS}; refusing an unverifiable bundle")
+    listed: dict[str, str] = {}
+    for number, line in enumerate(sums_path.read_text().splitlines(), start=1):
+        digest, _, name = line.partition("  ")
+        if len(digest) != 64 or not name or name.startswith("/") or ".." in Path(name).parts:
+            raise BundleError(f"{sums_path}:{number}: malformed line {line[:80]!r}")
+        listed[name] = digest
+    present = [name for name in _files(root) if name != SUMS]
+    for name in present:
+        if Path(name).suffix.lower() not in ALLOWED_SUFFIXES:
+            raise BundleError(
+                f"{root / name}: file type not allowed in a bundle (only data formats: "
+                f"{', '.join(sorted(ALLOWED_SUFFIXES))}; never pickles or code)"
+            )
+        if name not in listed:
+            raise BundleError(f"{root / name}: not listed in {SUMS}")
+    for name, digest in listed.items():
+        file = root / name
+        if not file.is_file():
+            raise BundleError(f"{file}: listed in {SUMS} but missing")
+        if _sha256(file) != digest:
+            raise BundleError(f"{file}: checksum mismatch (modified or corrupt)")
+    return hashlib.sha256(sums_path.read_bytes()).hexdigest()
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    """The bundle's ModelConfig (call after verify_bundle)."""
+    file = Path(path) / "config.json"
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise BundleError(f"{file}: unreadable config: {error}") from None
+    if data.get("format") != FORMAT:
+        raise BundleError(f"{file}: format {data.get('format')!r} is not {FORMAT!r}")
+    try:
+        return ModelConfig.from_dict(data["model"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise BundleError(f"{file}: invalid model config: {error}") from None
+
+
+def save_bundle(
+    out_dir: str | Path,
+    *,
+    config: ModelConfig,
+    weights: Mapping[str, Mapping[str, torch.Tensor]],
+    extra_dirs: Mapping[str, str | Path] = {},
+    extra_files: Mapping[str, str | Path] = {},
+    metadata: Mapping[str, object] | None = None,
+) -> str:
+    """Write a bundle; returns its sha256.
+
+    weights: {"vae": state_dict, "denoiser": state_dict, ...} -> <name>.safetensors
+    extra_dirs: {"encoders/phantom-bert": src_dir} copied in (e.g. text encoders)
+    extra_files: {"training/loss_ldm.png": src} copied in
+    metadata: JSON-able facts kept in config.json (training data, recipe, ...)
+    """
+    root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    for name, state in weights.items():
+        tensors = {key: value.detach().to("cpu").contiguous() for key, value in state.items()}
+        save_file(tensors, root / f"{name}.safetensors", metadata={"format": "pt"})
+    for dest, src in extra_dirs.items():
+        shutil.copytree(src, root / dest, dirs_exist_ok=True)
+    for dest, src in extra_files.items():
+        (root / dest).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, root / dest)
+    document = {"format": FORMAT, "model": config.to_dict(), "metadata": dict(metadata or {})}
+    (root / "config.json").write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+    return write_checksums(root)
+
+
+def load_weights(path: str | Path, name: str) -> dict[str, torch.Tensor]:
+    file = Path(path) / f"{name}.safetensors"
+    if not file.is_file():
+        raise BundleError(f"{file}: missing weight file")
+    return load_file(file)
+
+
+def load_bundle(
+    path: str | Path, *, device: torch.device | str = "cpu", allow_remote_code: bool = False
+):
+    """Verify, then build a ready `Report2CT` from a bundle directory."""
+    from report2ct.pipeline import Report2CT
+
+    root = Path(path)
+    sha = verify_bundle(root)
+    config = read_config(root)
+    model = Report2CT(
+        config,
+        bundle_dir=root,
+        bundle_sha256=sha,
+        device=device,
+        allow_remote_code=allow_remote_code,
+    )
+    for name, module in model.weight_modules().items():
+        try:
+            module.load_state_dict(load_weights(root, name))
+        except RuntimeError as error:
+            raise BundleError(
+                f"{root / WEIGHT_FILES[name]}: weights do not fit the config: {error}"
+            ) from None
+    return model.eval()
+
+
+# --- Random bundles (tests, benchmarks, development) -----------------------
+
+_REPORT_WORDS = [
+    "the",
+    "a",
+    "an",
+    "and",
+    "or",
+    "of",
+    "in",
+    "on",
+    "at",
+    "to",
+    "with",
+    "without",
+    "no",
+    "not",
+    "is",
+    "are",
+    "was",
+    "were",
+    "be",
+    "seen",
+    "observed",
+    "detected",
+    "noted",
+    "normal",
+    "limits",
+    "within",
+    "examination",
+    "thorax",
+    "ct",
+    "chest",
+    "trachea",
+    "main",
+    "bronchi",
+    "bronchus",
+    "open",
+    "lung",
+    "lungs",
+    "left",
+    "right",
+    "both",
+    "bilateral",
+    "upper",
+    "middle",
+    "lower",
+    "lobe",
+    "lobes",
+    "parenchyma",
+    "window",
+    "mass",
+    "nodule",
+    "nodules",
+    "lesion",
+    "mm",
+    "cm",
+    "size",
+    "diameter",
+    "heart",
+    "contour",
+    "cardiac",
+    "enlarged",
+    "cardiomegaly",
+    "pericardial",
+    "pleural",
+    "effusion",
+    "thickening",
+    "fluid",
+    "emphysema",
+    "emphysematous",
+    "consolidation",
+    "atelectasis",
+    "opacity",
+    "opacities",
+    "ground",
+    "glass",
+    "calcification",
+    "calcified",
+    "plaques",
+    "aorta",
+    "aortic",
+    "coronary",
+    "artery",
+    "arteries",
+    "wall",
+    "lymph",
+    "node",
+    "nodes",
+    "lymphadenopathy",
+    "mediastinal",
+    "hilar",
+    "axillary",
+    "hernia",
+    "hiatal",
+    "esophagus",
+    "medical",
+    "material",
+    "port",
+    "catheter",
+    "pacemaker",
+    "bone",
+    "bones",
+    "structures",
+    "vertebra",
+    "rib",
+    "ribs",
+    "spine",
+    "liver",
+    "diaphragm",
+    "impression",
+    "findings",
+    "minimal",
+    "mild",
+    "moderate",
+    "large",
+    "small",
+    "measuring",
+    "approximately",
+    "segment",
+    "segments",
+    "area",
+    "areas",
+    "sequela",
+    "fibrotic",
+    "mosaic",
+    "attenuation",
+    "pattern",
+    "peribronchial",
+    "bronchiectasis",
+    "interlobular",
+    "septal",
+]
+
+
+def write_random_bert(out_dir: str | Path, *, hidden_size: int, seed: int = 0) -> Path:
+    """A tiny randomly initialised BERT + WordPiece tokenizer, saved as an
+    ordinary transformers directory (safetensors)."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    letters = "abcdefghijklmnopqrstuvwxyz0123456789.,;:-()/%"
+    vocab = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        *_REPORT_WORDS,
+        *letters,
+        *(f"##{c}" for c in letters),
+    ]
+    vocab_file = out / "vocab.txt"
+    vocab_file.write_text("\n".join(dict.fromkeys(vocab)) + "\n")
+    tokenizer = BertTokenizer(vocab=str(vocab_file), do_lower_case=True)
+    torch.manual_seed(seed)
+    model = BertModel(
+        BertConfig(
+            vocab_size=len(tokenizer.vocab),
+            hidden_size=hidden_size,
+            num_hidden_layers=2,
+            num_attention_heads=max(1, hidden_size // 16),
+            intermediate_size=2 * hidden_size,
+            max_position_embeddings=128,
+        )
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def build_random_bundle(
+    out_dir: str | Path,
+    *,
+    preset_name: str = "tiny",
+    seed: int = 0,
+    config: ModelConfig | None = None,
+) -> str:
+    """A randomly initialised bundle of a preset (encoders inside it random
+    too, the packaged MiniLM referenced): for tests and benchmarks."""
+    import tempfile
+
+    from report2ct.codec import LatentCodec
+    from report2ct.denoiser import Denoiser
+
+    config = config or preset(preset_name)
+    torch.manual_seed(seed)
+    codec = LatentCodec(config.vae, latent_scale=config.latent_scale)
+    denoiser = Denoiser(
+        config.unet,
+        latent_channels=config.vae.latent_channels,
+        context_dim=config.context_dim,
+        num_train_timesteps=config.num_train_timesteps,
+    )
+    weights = {"vae": codec.vae.state_dict(), "denoiser": denoiser.unet.state_dict()}
+    with tempfile.TemporaryDirectory() as scratch:
+        extra = {}
+        for spec in config.encoders:
+            if spec.source.startswith("bundle:"):
+                dest = spec.source.removeprefix("bundle:")
+                extra[dest] = write_random_bert(
+                    Path(scratch) / dest, hidden_size=spec.dim, seed=seed
+                )
+        return save_bundle(
+            out_dir,
+            config=config,
+            weights=weights,
+            extra_dirs=extra,
+            metadata={
+                "trained": False,
+                "note": f"randomly initialised {config.name} bundle, seed {seed}",
+            },
+        )
