@@ -358,7 +358,7 @@ def build_random_bundle(
     import tempfile
 
     from report2ct.codec import LatentCodec
-    from report2ct.denoiser import Denoiser
+    from report2ct.denoiser import Denoiser, perturb_zero_init
 
     config = config or preset(preset_name)
     torch.manual_seed(seed)
@@ -369,6 +369,7 @@ def build_random_bundle(
         context_dim=config.context_dim,
         num_train_timesteps=config.num_train_timesteps,
     )
+    perturb_zero_init(denoiser, seed=seed)
     weights = {"vae": codec.vae.state_dict(), "denoiser": denoiser.unet.state_dict()}
     with tempfile.TemporaryDirectory() as scratch:
         extra = {}

@@ -67,3 +67,16 @@ class Denoiser(nn.Module):
             context=context.to(dtype),
             spacing_tensor=None if spacing is None else spacing.to(dtype),
         )
+
+
+def perturb_zero_init(module: nn.Module, *, std: float = 0.02, seed: int = 0) -> nn.Module:
+    """Give MONAI's zero-initialised layers (output convs, attention
+    projections: a fresh UNet predicts exactly 0) small random weights, so an
+    untrained model computes a non-trivial function. For random bundles in
+    tests and benchmarks; training starts from MONAI's init."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            if param.ndim >= 2 and not param.any():
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+    return module

@@ -8,7 +8,7 @@ import torch
 from monai.networks.schedulers import RFlowScheduler
 
 from report2ct.config import preset
-from report2ct.denoiser import Denoiser
+from report2ct.denoiser import Denoiser, perturb_zero_init
 from report2ct.flow import Condition, euler_sample, guided_velocity, heun_sample, linear_times
 from report2ct.pipeline import generate
 
@@ -17,7 +17,8 @@ from report2ct.pipeline import generate
 def denoiser():
     config = preset("tiny")
     torch.manual_seed(0)
-    return Denoiser(config.unet, latent_channels=4, context_dim=config.context_dim).eval()
+    denoiser = Denoiser(config.unet, latent_channels=4, context_dim=config.context_dim)
+    return perturb_zero_init(denoiser).eval()
 
 
 def _cond(batch, dim, seed=1):
@@ -146,3 +147,17 @@ def test_generate_shapes_precisions_and_timings(tiny_model):
         generate(
             tiny_model, findings=["a"], impressions=["b"], spacings_mm=[(100, 8, 10)], seeds=[1]
         )
+
+
+@torch.no_grad()
+def test_the_test_denoiser_is_not_trivial(denoiser):
+    # MONAI zero-initialises output layers; a zero velocity would make every
+    # sampler comparison above pass vacuously.
+    dim = preset("tiny").context_dim
+    cond = _cond(1, dim)
+    v = denoiser(torch.randn(1, 4, 8, 8, 4), torch.full((1,), 0.5), cond.context, cond.spacing_mm)
+    assert v.abs().mean() > 1e-3
+    v_null = denoiser(
+        torch.randn(1, 4, 8, 8, 4), torch.full((1,), 0.5), cond.null_context, cond.spacing_mm
+    )
+    assert not torch.allclose(v, v_null)
