@@ -1,0 +1,170 @@
+"""Manifests: JSONL, one record per volume, validated with pydantic.
+
+    {"id": "pt-0001", "findings": "...", "impression": "...",
+     "spacing_mm": [1.0, 1.0, 1.5], "labels": {"Pleural effusion": 1},
+     "seed": 7, "guidance_scale": 5.0, "num_samples": 1}
+
+Read as a stream (`read_manifest`): every line comes back as a valid record or
+a rejection with its line number, id (when readable) and reason, so a bad row
+never stops the good ones and a manifest of millions of records never sits in
+memory. Duplicate ids are caught with a set of 8-byte digests (~60 MB at 1M
+records in CPython; a record's own text is never kept).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+
+from report2ct.config import ModelConfig
+from report2ct.labels import CTRATE_LABELS
+
+MAX_LINE_BYTES = 1 << 20  # 1 MiB: CT-RATE reports are a few KB; anything near this is not a report
+MAX_TEXT_CHARS = 64_000
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
+# Control characters other than tab, newline and carriage return.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
+
+
+class ManifestRecord(BaseModel):
+    """One requested volume (or `num_samples` volumes of one report)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+    id: str = Field(
+        pattern=ID_PATTERN, description="letters, digits, '-', '_', '.'; no path separators"
+    )
+    findings: Text
+    impression: Text
+    spacing_mm: tuple[float, float, float] | None = None
+    shape: tuple[int, int, int] | None = None
+    labels: dict[str, StrictInt] = Field(default_factory=dict)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    guidance_scale: float | None = Field(None, ge=0.0, le=50.0)
+    num_samples: int = Field(1, ge=1, le=64)
+
+    @field_validator("id")
+    @classmethod
+    def _no_traversal(cls, value: str) -> str:
+        if value in {".", ".."} or ".." in value:
+            raise ValueError("id must not contain '..'")
+        return value
+
+    @field_validator("findings", "impression")
+    @classmethod
+    def _real_text(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        if _CONTROL.search(value):
+            raise ValueError("contains control characters")
+        return value
+
+    @field_validator("spacing_mm")
+    @classmethod
+    def _finite_positive(cls, value):
+        if value is not None and not all(math.isfinite(v) and v > 0 for v in value):
+            raise ValueError(f"must be three finite positive numbers, got {list(value)}")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _known_labels(cls, value: dict[str, int]) -> dict[str, int]:
+        unknown = sorted(set(value) - set(CTRATE_LABELS))
+        if unknown:
+            raise ValueError(f"unknown label names {unknown}; expected CT-RATE's 18 names")
+        bad = {name: v for name, v in value.items() if v not in (0, 1)}
+        if bad:
+            raise ValueError(f"label values must be 0 or 1, got {bad}")
+        return value
+
+    def label_vector(self) -> list[int]:
+        return [int(self.labels.get(name, 0)) for name in CTRATE_LABELS]
+
+    def resolved_seed(self) -> int:
+        """The record's seed, or one derived from its id: a rerun, a retry or
+        another worker count always regenerates the same volume."""
+        if self.seed is not None:
+            return self.seed
+        return int.from_bytes(hashlib.sha256(self.id.encode()).digest()[:6], "big")
+
+
+@dataclass(frozen=True)
+class Rejection:
+    line: int
+    id: str | None
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"line": self.line, "id": self.id, "reason": self.reason}
+
+
+def _reason(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "record"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown field"
+        parts.append(f"{where}: {message}")
+    return "; ".join(parts)
+
+
+def parse_line(raw: bytes, line: int, *, config: ModelConfig | None) -> ManifestRecord | Rejection:
+    """One manifest line -> a valid record or a rejection (never raises)."""
+    if len(raw) > MAX_LINE_BYTES:
+        found = re.search(rb'"id"\s*:\s*"([A-Za-z0-9._-]{1,200})"', raw[:4096])
+        return Rejection(
+            line,
+            found.group(1).decode() if found else None,
+            f"record is {len(raw)} bytes; the limit is {MAX_LINE_BYTES}",
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return Rejection(line, None, f"invalid UTF-8 at byte {error.start}")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        return Rejection(line, None, f"malformed JSON: {error.msg} at column {error.colno}")
+    if not isinstance(data, dict):
+        return Rejection(line, None, f"a record is a JSON object, got {type(data).__name__}")
+    record_id = data.get("id") if isinstance(data.get("id"), str) else None
+    try:
+        record = ManifestRecord.model_validate(data)
+    except ValidationError as error:
+        return Rejection(line, record_id, _reason(error))
+    if config is not None:
+        try:
+            config.check_output(
+                record.shape or config.default_shape, record.spacing_mm or config.default_spacing_mm
+            )
+        except ValueError as error:
+            return Rejection(line, record.id, str(error))
+    return record
+
+
+def read_manifest(
+    lines: Iterator[bytes], *, config: ModelConfig | None = None
+) -> Iterator[tuple[int, ManifestRecord | Rejection]]:
+    """(line number, record or rejection) for every non-blank line."""
+    seen: set[bytes] = set()
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        result = parse_line(raw, number, config=config)
+        if isinstance(result, ManifestRecord):
+            digest = hashlib.blake2b(result.id.encode(), digest_size=8).digest()
+            if digest in seen:
+                result = Rejection(number, result.id, "duplicate id (an earlier line has it)")
+            else:
+                seen.add(digest)
+        yield number, result
