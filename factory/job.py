@@ -129,14 +129,24 @@ def _read_part(row: dict[str, Any], *, run_root: str) -> list[dict[str, str]]:
     return [{"item": line} for line in data.splitlines() if line]
 
 
+def _forwarded_env() -> dict[str, str]:
+    return {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
+
+
 def _ensure_ray(options: GenerateOptions):
     import ray
 
     if not ray.is_initialized():
-        env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
         # Inside `ray job submit` or with RAY_ADDRESS set, this joins that
         # cluster; otherwise it starts a local one on this machine.
-        ray.init(runtime_env={"env_vars": env}, log_to_driver=False, configure_logging=False)
+        ray.init(
+            runtime_env={"env_vars": _forwarded_env()}, log_to_driver=False, configure_logging=False
+        )
+    # The job reports its own progress (per volume, not per block).
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.enable_operator_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     return ray
 
 
@@ -162,6 +172,7 @@ def run_generate(
     options: GenerateOptions,
     *,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
+    on_total: Callable[[int], None] | None = None,
 ) -> JobResult:
     """Run a generate job to completion (or resume one: committed volumes are
     skipped). `on_progress` receives every result row as it arrives."""
@@ -179,6 +190,8 @@ def run_generate(
         parts, rejections, volumes = _validate(options, config, run, Path(scratch))
     validated_s = time.time() - started
     log.info("%s: %d volumes requested, %d records rejected", run_uri, volumes, len(rejections))
+    if on_total:
+        on_total(volumes)
 
     rows: list[dict[str, Any]] = []
     if parts:
@@ -208,6 +221,7 @@ def run_generate(
                 num_cpus=_cpus_per_worker(ray, options),
                 max_restarts=-1,
                 max_task_retries=options.max_task_retries,
+                runtime_env={"env_vars": _forwarded_env()},
             )
         )
         for item in dataset.iter_rows():

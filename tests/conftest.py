@@ -44,9 +44,10 @@ def s3_bucket(s3_server) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_local():
+def ray_local(s3_server):
     """A real local Ray with 2 CPUs and 2 *logical* GPUs, so that GPU pinning
-    (num_gpus=1 per actor -> distinct CUDA_VISIBLE_DEVICES) is testable here."""
+    (num_gpus=1 per actor -> distinct CUDA_VISIBLE_DEVICES) is testable here.
+    Started after the S3 endpoint, so its workers see the same AWS settings."""
     import ray
 
     ray.init(
@@ -69,3 +70,13 @@ def ray_head(s3_server):
     head = LocalRayHead(env=s3_server.env).start()
     yield head
     head.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory):
+    """A randomly initialised `tiny` bundle (seconds per volume), built once."""
+    from report2ct.bundle import build_random_bundle
+
+    path = tmp_path_factory.mktemp("bundles") / "tiny"
+    build_random_bundle(path, preset_name="tiny", seed=0)
+    return path

@@ -14,6 +14,7 @@ COMMAND_MODULES = (
     "jobs.cli.info",
     "jobs.cli.demo",
     "jobs.cli.submit",
+    "jobs.cli.generate",
 )
 
 for _name in COMMAND_MODULES:

@@ -1,0 +1,70 @@
+"""Manifest validation: every kind of bad row rejected with line, id and reason."""
+
+import json
+
+import pytest
+
+from factory.manifest import ManifestRecord, Rejection, read_manifest
+from report2ct.config import preset
+
+GOOD = {"id": "pt-1", "findings": "Right pleural effusion.", "impression": "Effusion."}
+
+
+def lines(*records):
+    return [r if isinstance(r, bytes) else json.dumps(r).encode() for r in records]
+
+
+def test_good_records_and_defaults():
+    ((line, record),) = list(read_manifest(iter(lines(GOOD)), config=preset("tiny")))
+    assert line == 1 and isinstance(record, ManifestRecord)
+    assert record.num_samples == 1 and record.label_vector() == [0] * 18
+    assert record.resolved_seed() == ManifestRecord.model_validate(GOOD).resolved_seed()
+
+
+BAD = [
+    (b'{"id": "x", "findings": ', None, "malformed JSON"),
+    ({**GOOD, "colour": "blue"}, "pt-1", "colour: unknown field"),
+    ({"id": "pt-1", "impression": "x"}, "pt-1", "findings: Field required"),
+    ({**GOOD, "findings": "   "}, "pt-1", "findings: must not be empty"),
+    ({**GOOD, "findings": "x" * 2_000_000}, "pt-1", "the limit is"),
+    ({**GOOD, "impression": "bad\x07bell"}, "pt-1", "control characters"),
+    (b'{"id": "pt-1", "findings": "\xff\xfe", "impression": "x"}', None, "invalid UTF-8"),
+    ({**GOOD, "id": "../../etc/passwd"}, "../../etc/passwd", "id"),
+    ({**GOOD, "id": "a/b"}, "a/b", "id"),
+    ({**GOOD, "spacing_mm": [float("nan"), 8, 10]}, None, None),  # NaN is not JSON: see below
+    ({**GOOD, "spacing_mm": [-8, 8, 10]}, "pt-1", "finite positive"),
+    ({**GOOD, "spacing_mm": [0, 8, 10]}, "pt-1", "finite positive"),
+    ({**GOOD, "spacing_mm": [800, 8, 10]}, "pt-1", "outside the model's range"),
+    ({**GOOD, "shape": [100000, 32, 16]}, "pt-1", "unsupported"),
+    ({**GOOD, "labels": {"Dragon": 1}}, "pt-1", "unknown label names"),
+    ({**GOOD, "labels": {"Cardiomegaly": 2}}, "pt-1", "0 or 1"),
+    ({**GOOD, "labels": {"Cardiomegaly": "1"}}, "pt-1", "labels.Cardiomegaly"),
+    ([1, 2, 3], None, "JSON object"),
+]
+
+
+@pytest.mark.parametrize(("raw", "record_id", "reason"), [b for b in BAD if b[2]])
+def test_each_kind_of_bad_row_is_rejected_with_a_reason(raw, record_id, reason):
+    rows = list(
+        read_manifest(
+            iter([json.dumps(GOOD | {"id": "ok"}).encode(), *lines(raw)]), config=preset("tiny")
+        )
+    )
+    assert isinstance(rows[0][1], ManifestRecord)
+    line, rejection = rows[1]
+    assert line == 2 and isinstance(rejection, Rejection)
+    assert rejection.id == record_id
+    assert reason in rejection.reason, rejection.reason
+
+
+def test_nan_spacing_is_rejected():
+    raw = b'{"id": "n", "findings": "a", "impression": "b", "spacing_mm": [NaN, 8, 10]}'
+    ((_, rejection),) = list(read_manifest(iter([raw]), config=preset("tiny")))
+    assert isinstance(rejection, Rejection) and "finite positive" in rejection.reason
+
+
+def test_duplicate_ids_keep_the_first_and_blank_lines_are_skipped():
+    rows = list(read_manifest(iter(lines(GOOD, b"", GOOD)), config=None))
+    assert [line for line, _ in rows] == [1, 3]
+    assert isinstance(rows[0][1], ManifestRecord)
+    assert isinstance(rows[1][1], Rejection) and "duplicate id" in rows[1][1].reason
