@@ -13,6 +13,7 @@ FORBIDDEN = {
     "training": {"factory", "jobs"},
     "factory": {"training", "jobs", "deepspeed"},
     "phantom": {"torch", "ray", "deepspeed", "boto3", "training", "factory", "jobs"},
+    "evaluation": {"jobs"},
 }
 
 
