@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "jobs.cli.demo",
     "jobs.cli.submit",
     "jobs.cli.generate",
+    "jobs.cli.phantoms",
 )
 
 for _name in COMMAND_MODULES:
