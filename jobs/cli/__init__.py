@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "jobs.cli.submit",
     "jobs.cli.generate",
     "jobs.cli.phantoms",
+    "jobs.cli.train",
 )
 
 for _name in COMMAND_MODULES:

@@ -1,0 +1,51 @@
+"""Computed once, reused every step: latents of the training volumes (with
+the latent scale factor that gives them unit variance) and report contexts
+from the text conditioner. Stored as safetensors beside the run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from report2ct.codec import LatentCodec
+from report2ct.text import TextConditioner
+
+
+@torch.no_grad()
+def encode_latents(codec: LatentCodec, volumes_hu: torch.Tensor, *, batch: int = 4) -> torch.Tensor:
+    """Posterior means (unscaled), (N, C, x, y, z)."""
+    codec.eval()
+    scale, codec.latent_scale = codec.latent_scale, 1.0
+    out = torch.cat(
+        [codec.encode(volumes_hu[i : i + batch].float()) for i in range(0, len(volumes_hu), batch)]
+    )
+    codec.latent_scale = scale
+    return out
+
+
+def latent_scale_factor(latents: torch.Tensor) -> float:
+    """1 / std: the diffusion model sees unit-variance latents (LDM, sec. 4.3)."""
+    return float(1.0 / latents.float().std().clamp(min=1e-6))
+
+
+@torch.no_grad()
+def encode_reports(
+    conditioner: TextConditioner, findings: list[str], impressions: list[str], *, batch: int = 32
+) -> torch.Tensor:
+    return torch.cat(
+        [
+            conditioner.encode(findings[i : i + batch], impressions[i : i + batch]).cpu()
+            for i in range(0, len(findings), batch)
+        ]
+    )
+
+
+def save_cache(path: Path, **tensors: torch.Tensor) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+
+
+def load_cache(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))

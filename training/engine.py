@@ -1,0 +1,338 @@
+"""A small, model-agnostic DeepSpeed training loop.
+
+    result = train(module, loss_fn, dataset, config, out_dir)
+
+- `TrainConfig` -> the DeepSpeed config (ZeRO stage 2 by default, bf16,
+  explicit gradient clipping, AdamW from torch (no fused-Adam JIT), warm-up
+  then cosine, gradient accumulation).
+- EMA of the weights in fp32, saved with every checkpoint, used for export.
+- Checkpoints every N steps and at the end (DeepSpeed's own format plus our
+  client state: step, EMA, RNG states, data position); `resume=True` continues
+  exactly: a killed run resumed gives the same next loss as an uninterrupted
+  one, because the data order is a pure function of (seed, epoch) and every
+  RNG is restored.
+- Logs loss, learning rate and samples per second (log.jsonl) and draws the
+  loss curve (loss.png) at the end.
+
+Launch: one process (CPU or one GPU) directly; several with `deepspeed` or
+`torchrun`, across nodes with a hostfile (docs/training.md). The loop itself
+reads RANK / WORLD_SIZE from the environment like any torch.distributed job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    micro_batch: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.05
+    gradient_clipping: float = 1.0
+    zero_stage: int = 2
+    bf16: bool = True
+    ema_decay: float = 0.999
+    checkpoint_every: int = 200
+    log_every: int = 10
+    seed: int = 0
+
+    def deepspeed_config(self, world_size: int = 1) -> dict[str, Any]:
+        return {
+            "train_micro_batch_size_per_gpu": self.micro_batch,
+            "gradient_accumulation_steps": self.grad_accum,
+            "train_batch_size": self.micro_batch * self.grad_accum * world_size,
+            "gradient_clipping": self.gradient_clipping,  # explicit: its default changed in 0.19.3
+            "bf16": {"enabled": self.bf16},
+            "zero_optimization": {"stage": self.zero_stage},
+            "steps_per_print": 10**9,  # we log ourselves
+            "wall_clock_breakdown": False,
+        }
+
+
+def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
+    """Linear warm-up, then cosine decay to min_lr_ratio."""
+
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        progress = min(
+            1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        )
+        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (
+            1 + math.cos(math.pi * progress)
+        )
+
+    return factor
+
+
+def ensure_distributed_env() -> None:
+    """Single-process defaults, so a plain `python` launch works like torchrun."""
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+class EMA:
+    """Exponential moving average of parameters, kept in fp32."""
+
+    def __init__(self, module: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {name: p.detach().float().clone() for name, p in module.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        for name, param in module.named_parameters():
+            self.shadow[name].lerp_(param.detach().float(), 1.0 - self.decay)
+
+    def state_dict(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """A full state dict of `module` with EMA parameters (buffers as is)."""
+        state = {k: v.detach().float().clone() for k, v in module.state_dict().items()}
+        state.update({k: v.clone() for k, v in self.shadow.items()})
+        return state
+
+
+def data_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The permutation of epoch `epoch`: a pure function, so resuming knows it."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def batch_indices(n: int, seed: int, position: int, size: int) -> list[int]:
+    """Samples [position, position + size) of the endless shuffled stream."""
+    out = []
+    for p in range(position, position + size):
+        epoch, offset = divmod(p, n)
+        out.append(int(data_order(n, seed, epoch)[offset]))
+    return out
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state().tolist(),
+        "numpy": np.random.get_state()[1].tolist(),
+        "numpy_pos": int(np.random.get_state()[2]),
+        "python": random.getstate()[1],
+        "python_pos": random.getstate()[2],
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    np.random.set_state(
+        ("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0)
+    )
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    losses: list[float]
+    ema: dict[str, torch.Tensor]
+    out_dir: Path
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    tags = sorted(
+        out_dir.glob("checkpoints/step-*/client.json"), key=lambda p: int(p.parent.name[5:])
+    )
+    return tags[-1].parent if tags else None
+
+
+def train(
+    module: torch.nn.Module,
+    loss_fn: Callable[[torch.nn.Module, Any, torch.Generator], torch.Tensor],
+    dataset,
+    config: TrainConfig,
+    out_dir: str | Path,
+    *,
+    collate: Callable[[list[Any]], Any] | None = None,
+    resume: bool = True,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train `module` to `config.steps` optimizer steps (or stop early after
+    `stop_after` steps, as a kill would). `loss_fn(engine_module, batch,
+    generator)` returns the scalar loss; `dataset[i]` gives one sample."""
+    import deepspeed
+    import torch.distributed as dist
+
+    ensure_distributed_env()
+    out_dir = Path(out_dir)
+    (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+
+    optimizer = torch.optim.AdamW(
+        module.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    engine, _, _, _ = deepspeed.initialize(
+        model=module,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=config.deepspeed_config(world),
+    )
+    dtype = compute_dtype(engine)
+    ema = EMA(engine.module, config.ema_decay)
+    step, losses = 0, []
+    checkpoint = latest_checkpoint(out_dir) if resume else None
+    if checkpoint is not None:
+        engine.load_checkpoint(str(out_dir / "checkpoints"), tag=checkpoint.name)
+        client = json.loads((checkpoint / "client.json").read_text())
+        step, losses = client["step"], client["losses"]
+        _set_rng_state(
+            client["rng"][str(rank)] if str(rank) in client["rng"] else client["rng"]["0"]
+        )
+        ema.shadow = load_file(checkpoint / "ema.safetensors")
+        log.info("resumed from %s at step %d", checkpoint, step)
+
+    collate = collate or _stack
+    per_step = config.micro_batch * config.grad_accum * world
+    log_file = (out_dir / "log.jsonl").open("a") if rank == 0 else None
+    generator = torch.Generator(device=engine.device)
+    started, last = time.perf_counter(), step
+    target = config.steps if stop_after is None else min(config.steps, step + stop_after)
+    while step < target:
+        step_loss = 0.0
+        for micro in range(config.grad_accum):
+            # This rank's slice of the global batch at this step: resumable by construction.
+            position = step * per_step + (micro * world + rank) * config.micro_batch
+            batch = collate(
+                [
+                    dataset[i]
+                    for i in batch_indices(len(dataset), config.seed, position, config.micro_batch)
+                ]
+            )
+            batch = _to(batch, engine.device, dtype)
+            generator.manual_seed(hash((config.seed, step, micro, rank)) % (2**63))
+            loss = loss_fn(engine, batch, generator)
+            engine.backward(loss)
+            engine.step()
+            step_loss += float(loss.detach()) / config.grad_accum
+        step += 1
+        ema.update(engine.module)
+        losses.append(step_loss)
+        if log_file and (step % config.log_every == 0 or step == target):
+            elapsed = time.perf_counter() - started
+            record = {
+                "step": step,
+                "loss": step_loss,
+                "lr": scheduler.get_last_lr()[0],
+                "samples_per_s": (step - last) * per_step / max(elapsed, 1e-9),
+            }
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+            log.info(
+                "step %d loss %.4f lr %.2e %.1f samples/s",
+                step,
+                step_loss,
+                record["lr"],
+                record["samples_per_s"],
+            )
+            started, last = time.perf_counter(), step
+        if step % config.checkpoint_every == 0 or step == target:
+            _save(engine, ema, out_dir, step, losses, rank, world)
+    if log_file:
+        log_file.close()
+        plot_losses(losses, out_dir / "loss.png")
+    if dist.is_initialized():
+        dist.barrier()
+    return TrainResult(
+        steps=step, losses=losses, ema=ema.state_dict(engine.module), out_dir=out_dir
+    )
+
+
+def _save(
+    engine, ema: EMA, out_dir: Path, step: int, losses: list[float], rank: int, world: int
+) -> None:
+    import torch.distributed as dist
+
+    tag = f"step-{step}"
+    engine.save_checkpoint(str(out_dir / "checkpoints"), tag=tag)
+    states = [None] * world
+    if dist.is_initialized() and world > 1:
+        dist.all_gather_object(states, _rng_state())
+    else:
+        states = [_rng_state()]
+    if rank == 0:
+        folder = out_dir / "checkpoints" / tag
+        save_file({k: v.contiguous() for k, v in ema.shadow.items()}, folder / "ema.safetensors")
+        client = {"step": step, "losses": losses, "rng": {str(r): s for r, s in enumerate(states)}}
+        (folder / "client.json").write_text(json.dumps(client))
+
+
+def compute_dtype(engine) -> torch.dtype:
+    """What inputs must be cast to: DeepSpeed's bf16/fp16 modes run the module in that type."""
+    if engine.bfloat16_enabled():
+        return torch.bfloat16
+    return torch.float16 if engine.fp16_enabled() else torch.float32
+
+
+def _stack(items: list[Any]) -> Any:
+    if isinstance(items[0], dict):
+        return {key: _stack([item[key] for item in items]) for key in items[0]}
+    if isinstance(items[0], torch.Tensor):
+        return torch.stack(items)
+    return items
+
+
+def _to(batch: Any, device, dtype) -> Any:
+    """Floating tensors to the module's dtype (bf16 under DeepSpeed's bf16)."""
+    if isinstance(batch, dict):
+        return {key: _to(value, device, dtype) for key, value in batch.items()}
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device=device, dtype=dtype if batch.is_floating_point() else batch.dtype)
+    return batch
+
+
+def plot_losses(losses: list[float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(np.arange(1, len(losses) + 1), losses, lw=0.8, alpha=0.5, label="loss")
+    if len(losses) >= 20:
+        window = max(5, len(losses) // 50)
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        ax.plot(np.arange(window, len(losses) + 1), smooth, lw=1.5, label=f"mean of {window}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def config_dict(config: TrainConfig) -> dict[str, Any]:
+    return asdict(config)

@@ -1,0 +1,138 @@
+"""The two training stages, one shape: (module, loss, data) -> engine.train.
+
+- VAE: `AutoencoderKlMaisi` on random crops of HU volumes (the VAE is fully
+  convolutional: crops make the CPU stage affordable), L1 reconstruction in
+  the [0, 1] HU window + a small KL term. (MAISI adds perceptual and
+  adversarial terms; they are left out here, where the VAE is the costly
+  stage on CPU.)
+- LDM: the denoiser on *cached* latents and *cached* report contexts
+  (computed once by `training.caches`), rectified-flow loss with condition
+  dropout; the VAE encoder and the text encoders never run per step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from report2ct.codec import LatentCodec, hu_to_unit
+from report2ct.config import ModelConfig
+from report2ct.denoiser import Denoiser
+from report2ct.loss import RectifiedFlowLoss
+from training.engine import TrainConfig, TrainResult, compute_dtype, train
+
+
+class RandomCrops(Dataset):
+    """Deterministic random crops: crop i of volume (i mod N) at an offset
+    drawn from (seed, i), so the data stream is resumable."""
+
+    def __init__(
+        self,
+        volumes: torch.Tensor,
+        crop: tuple[int, int, int],
+        *,
+        seed: int = 0,
+        crops_per_volume: int = 8,
+    ):
+        self.volumes, self.crop, self.seed, self.k = (
+            volumes,
+            crop,
+            seed,
+            crops_per_volume,
+        )  # volumes (N,1,X,Y,Z) HU
+
+    def __len__(self) -> int:
+        return len(self.volumes) * self.k
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        volume = self.volumes[index % len(self.volumes)]
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        starts = [
+            int(torch.randint(0, n - c + 1, (1,), generator=generator))
+            for n, c in zip(volume.shape[1:], self.crop, strict=True)
+        ]
+        x, y, z = starts
+        cx, cy, cz = self.crop
+        return {"hu": volume[:, x : x + cx, y : y + cy, z : z + cz]}
+
+
+class VAELoss:
+    def __init__(self, kl_weight: float = 1e-6):
+        self.kl_weight = kl_weight
+
+    def __call__(self, engine, batch, generator) -> torch.Tensor:
+        dtype = compute_dtype(engine)  # bf16 under DeepSpeed's bf16
+        unit = hu_to_unit(batch["hu"].float()).to(dtype)
+        # MAISI's group norm returns fp32 whatever its input: autocast keeps
+        # the next convolution in the engine's dtype.
+        with torch.autocast(
+            device_type=unit.device.type, dtype=dtype, enabled=dtype != torch.float32
+        ):
+            reconstruction, mu, sigma = engine(unit)
+        l1 = (reconstruction.float() - unit.float()).abs().mean()
+        kl = (
+            0.5
+            * (
+                mu.float() ** 2 + sigma.float() ** 2 - torch.log(sigma.float() ** 2 + 1e-8) - 1
+            ).mean()
+        )
+        return l1 + self.kl_weight * kl
+
+
+def train_vae(
+    config: ModelConfig,
+    volumes_hu: torch.Tensor,
+    train_config: TrainConfig,
+    out_dir: Path,
+    *,
+    crop: tuple[int, int, int] = (32, 32, 32),
+    **kwargs,
+) -> tuple[LatentCodec, TrainResult]:
+    codec = LatentCodec(config.vae)
+    data = RandomCrops(volumes_hu, crop, seed=train_config.seed)
+    result = train(codec.vae, VAELoss(), data, train_config, out_dir, **kwargs)
+    codec.vae.float().load_state_dict(result.ema)  # DeepSpeed cast it to bf16; EMA is fp32
+    return codec, result
+
+
+class LatentSet(Dataset):
+    """Cached (latent, context, spacing) triples."""
+
+    def __init__(self, latents: torch.Tensor, contexts: torch.Tensor, spacings: torch.Tensor):
+        self.latents, self.contexts, self.spacings = latents, contexts, spacings
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {
+            "latent": self.latents[index],
+            "context": self.contexts[index],
+            "spacing_mm": self.spacings[index],
+        }
+
+
+class LDMLoss:
+    def __init__(self, cond_dropout: float):
+        self.loss = RectifiedFlowLoss(cond_dropout=cond_dropout)
+
+    def __call__(self, engine, batch, generator) -> torch.Tensor:
+        return self.loss(
+            engine, batch["latent"], batch["context"], batch["spacing_mm"], generator=generator
+        )
+
+
+def train_ldm(
+    config: ModelConfig, data: LatentSet, train_config: TrainConfig, out_dir: Path, **kwargs
+) -> tuple[Denoiser, TrainResult]:
+    denoiser = Denoiser(
+        config.unet,
+        latent_channels=config.vae.latent_channels,
+        context_dim=config.context_dim,
+        num_train_timesteps=config.num_train_timesteps,
+    )
+    result = train(denoiser, LDMLoss(config.cond_dropout), data, train_config, out_dir, **kwargs)
+    denoiser.float().load_state_dict(result.ema)
+    return denoiser, result
