@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Sequence
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,15 @@ UNKNOWN = "<unk>"
 
 
 def words(text: str) -> list[str]:
-    return re.findall(r"[a-z]+", text.lower())
+    """Lower-case words and word bigrams: a bag of single words cannot tell
+    "pleural effusion" from "no pleural effusion was observed"; bigrams
+    ("no pleural", "not observed") carry the negation."""
+    tokens = re.findall(r"[a-z]+", text.lower())
+    return tokens + [f"{a} {b}" for a, b in pairwise(tokens)]
 
 
 class TextEncoder(nn.Module):
-    """Bag of words -> embedding. Phantom reports are short templated
+    """Bag of words and bigrams -> embedding. Phantom reports are short templated
     sentences, so word identity carries the findings; a vocabulary of the
     training reports' words is stored with the weights (JSON, no tokenizer files)."""
 
@@ -145,6 +150,7 @@ def train_clip(
     batch_size: int = 16,
     lr: float = 3e-3,
     dim: int = 64,
+    min_reports: int = 5,
     seed: int = 0,
 ) -> ClipModel:
     torch.manual_seed(seed)
@@ -154,14 +160,17 @@ def train_clip(
         vocabulary=[UNKNOWN, *sorted(counts)], spacing_mm=spacing_mm, shape=shape, dim=dim
     )
     volumes = model.grid(cases)  # (N, 1, X, Y, Z)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     model.train()
     for _ in range(epochs):
         for batch in torch.randperm(len(cases), generator=generator).split(batch_size):
             if len(batch) < 2:
                 continue  # a contrastive step needs negatives
+            x = volumes[batch]
+            flip = torch.rand(len(batch), generator=generator) < 0.5  # left/right: labels hold
+            x = torch.where(flip.view(-1, 1, 1, 1, 1), x.flip(2), x)
             loss = contrastive_loss(
-                model.image(volumes[batch]),
+                model.image(x),
                 model.text([cases[i].report for i in batch]),
                 model.log_temperature,
             )
