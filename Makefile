@@ -11,7 +11,7 @@ export DS_ACCELERATOR ?= cpu
 export RAY_USAGE_STATS_ENABLED ?= 0
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo demo-bundle test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(VENV)/bin/ctfactory demo
+
+# Rebuild the committed demo bundle from scratch on this CPU (phantoms ->
+# report BERT -> VAE -> caches -> latent diffusion -> export); resumable.
+demo-bundle: $(STAMP)
+	$(VENV)/bin/ctfactory train demo-bundle --out report2ct/bundles/demo --work runs/demo-build
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

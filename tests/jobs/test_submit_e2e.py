@@ -1,0 +1,59 @@
+"""`ctfactory submit` against a Ray head started like a cluster's: the job
+runs, its outputs are committed, and the same spec submitted again is the
+same job."""
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from jobs.cli import app
+
+pytestmark = pytest.mark.integration
+
+
+def test_submit_generate_spec_once(ray_head, tiny_bundle, tmp_path):
+    manifest = tmp_path / "reports.jsonl"
+    manifest.write_text(
+        "".join(
+            json.dumps(
+                {"id": f"s{i}", "findings": "Right pleural effusion.", "impression": "Effusion."}
+            )
+            + "\n"
+            for i in range(3)
+        )
+    )
+    spec = tmp_path / "generate.yaml"
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "kind": "generate",
+                "manifest": str(manifest),
+                "output": str(tmp_path / "out"),
+                "bundle": str(tiny_bundle),
+                "workers": 1,
+                "num_steps": 2,
+            }
+        )
+    )
+    runner = CliRunner()
+    first = runner.invoke(app, ["submit", str(spec), "--address", ray_head.address, "--wait"])
+    assert first.exit_code == 0, first.output
+    assert "submitted:" in first.output and "SUCCEEDED" in first.output
+    index = (tmp_path / "out/reports/index.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["id"] for line in index) == ["s0", "s1", "s2"]
+
+    second = runner.invoke(app, ["submit", str(spec), "--address", ray_head.address])
+    assert second.exit_code == 0 and "already submitted" in second.output
+    job_id = second.output.split("already submitted: ")[1].split()[0]
+    from ray.job_submission import JobSubmissionClient
+
+    jobs = [
+        j for j in JobSubmissionClient(ray_head.address).list_jobs() if j.submission_id == job_id
+    ]
+    assert len(jobs) == 1  # one job, not two
+    status = runner.invoke(app, ["status", job_id, "--address", ray_head.address])
+    assert json.loads(status.output)["status"] == "SUCCEEDED"
+    logs = runner.invoke(app, ["logs", job_id, "--address", ray_head.address])
+    assert '"committed": 3' in logs.output
