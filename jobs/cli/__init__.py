@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "jobs.cli.generate",
     "jobs.cli.phantoms",
     "jobs.cli.train",
+    "jobs.cli.bundle",
 )
 
 for _name in COMMAND_MODULES:
