@@ -257,11 +257,13 @@ class GenerateWorker:
             "committed_at": time.time(),
         }
         if not commit.try_commit(self.run, key, marker):
-            # Another attempt (a retry of this batch elsewhere) won: ours never counted.
-            self.run.delete_prefix(prefix + ".ome.zarr")
-            self.run.delete_prefix(prefix + ".nii.gz")
             winner = commit.read_commit(self.run, key)
-            return {**winner["index"], "status": "skipped"}
+            if winner["attempt"] != attempt:
+                # Another attempt (a retry of this batch elsewhere) won: ours never counted.
+                self.run.delete_prefix(prefix + ".ome.zarr")
+                self.run.delete_prefix(prefix + ".nii.gz")
+                return {**winner["index"], "status": "skipped"}
+            # Our own put landed but its answer was lost (a retry then saw 412): ours counts.
         return {**index_row, "status": "generated", "line": line}
 
 

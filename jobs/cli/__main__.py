@@ -1,0 +1,5 @@
+"""`python -m jobs.cli ...` is `ctfactory ...`."""
+
+from jobs.cli import main
+
+main()
