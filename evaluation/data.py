@@ -6,16 +6,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import ResizeWithPadOrCrop, Spacing
 
+from report2ct.codec import HU_WINDOW  # the window every network here sees, scaled to [0, 1]
 from report2ct.labels import CTRATE_LABELS
 
-AIR_HU = -1000.0  # what padding adds around a resampled volume
-HU_WINDOW = (-1000.0, 1000.0)  # the intensity range every network here sees, scaled to [0, 1]
+AIR_HU = HU_WINDOW[0]  # what padding adds around a resampled volume
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,30 @@ def generated_cases(index_uri: str) -> list[Case]:
         )
     if not cases:
         raise ValueError(f"{index_uri}: no committed volumes in this job index")
+    return cases
+
+
+def reference_cases(root: str | Path, *, split: str) -> list[Case]:
+    """Real volumes of a CT-RATE-layout data set (real CT-RATE or a phantom set
+    written by `ctfactory phantoms`), at their own spacing, through the one
+    CT-RATE reader (`training.data.ctrate`)."""
+    from training.data.ctrate import CTRateDataset
+
+    dataset = CTRateDataset(root, split=split, load_masks=False)
+    cases = []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        cases.append(
+            Case(
+                id=item["name"].removesuffix(".nii.gz"),
+                volume_hu=item["volume"][0].numpy(),
+                spacing_mm=tuple(float(s) for s in item["spacing_mm"]),
+                labels=item["labels"].numpy().astype(np.int64),
+                report=report_text(item["findings"], item["impression"]),
+            )
+        )
+    if not cases:
+        raise ValueError(f"{root}: the {split!r} split holds no volumes")
     return cases
 
 

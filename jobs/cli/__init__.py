@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "jobs.cli.demo",
     "jobs.cli.submit",
     "jobs.cli.generate",
+    "jobs.cli.evaluate",
     "jobs.cli.phantoms",
     "jobs.cli.train",
     "jobs.cli.bundle",
