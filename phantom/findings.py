@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from phantom.anatomy import LOBE_IDS, LOBES, Anatomy, Grid, _ellipsoid, _tube
-from phantom.legend import BY_NAME, RENDERED_FINDINGS
+from phantom.legend import BY_NAME, NOT_RENDERED, RENDERED_FINDINGS
+from report2ct.labels import CTRATE_LABELS
 
 L = {name: label.value for name, label in BY_NAME.items()}
 SIDES = ("right", "left")
@@ -32,14 +33,46 @@ def sample_findings(
     requested: dict[str, int] | None = None,
 ) -> list[Finding]:
     """Which findings a phantom has, with their attributes. `requested`
-    forces labels on (1) or off (0); the rest follow `prevalence`."""
+    forces CT-RATE labels on (1) or off (0); the rest follow `prevalence`.
+
+    A moderate or large pleural effusion compresses the lung above it: unless
+    Atelectasis is requested off, it brings a compressive atelectasis finding
+    (drawn, labelled and reported like any other)."""
+    requested = dict(requested or {})
+    _check_requested(requested)
     findings = []
     for name in RENDERED_FINDINGS:
         p = prevalence.get(name, 0.0) if isinstance(prevalence, dict) else prevalence
         draw = rng.random() < p  # always drawn, so attributes don't shift the stream
-        present = bool(requested[name]) if requested and name in requested else draw
+        present = bool(requested[name]) if name in requested else draw
         findings.append(_attributes(name, rng) if present else None)
-    return [f for f in findings if f is not None]
+    findings = [f for f in findings if f is not None]
+    by = {f.label: f for f in findings}
+    effusion = by.get("Pleural effusion")
+    if (
+        effusion is not None
+        and effusion.amount != "small"
+        and "Atelectasis" not in by
+        and requested.get("Atelectasis", 1)
+    ):
+        compressive = Finding(
+            "Atelectasis", side=effusion.side, lobe="lower", detail={"kind": "compressive"}
+        )
+        findings.insert(findings.index(effusion), compressive)
+    return findings
+
+
+def _check_requested(requested: dict[str, int]) -> None:
+    for name, value in requested.items():
+        if name not in CTRATE_LABELS:
+            raise ValueError(
+                f"requested finding {name!r} is not a CT-RATE label (report2ct.labels.CTRATE_LABELS)"
+            )
+        if value and name in NOT_RENDERED:
+            raise ValueError(
+                f"requested finding {name!r} is never rendered by the phantom world; "
+                f"it can draw {', '.join(RENDERED_FINDINGS)} (docs/phantoms.md)"
+            )
 
 
 def _attributes(name: str, rng: np.random.Generator) -> Finding:
@@ -81,6 +114,23 @@ def _attributes(name: str, rng: np.random.Generator) -> Finding:
     return Finding(name)
 
 
+PAINT_ORDER = (
+    "Pleural effusion",
+    "Emphysema",
+    "Consolidation",
+    "Lung opacity",
+    "Atelectasis",
+    "Cardiomegaly",
+    "Pericardial effusion",
+    "Hiatal hernia",
+    "Lymphadenopathy",
+    "Lung nodule",
+    "Arterial wall calcification",
+    "Coronary artery wall calcification",
+    "Medical material",
+)
+
+
 def heart_scale(findings: list[Finding]) -> float:
     return next((f.detail["heart_scale"] for f in findings if f.label == "Cardiomegaly"), 1.0)
 
@@ -116,13 +166,19 @@ def paint_findings(
     x, y, z = grid.mesh()
     labels = anatomy.labels
     lungs = anatomy.lung_side > 0
-    drawn = []
-    for finding in findings:
+    drawn, painted = [], []
+    # Diffuse findings first, focal ones and devices last: a later finding
+    # may overwrite an earlier one's voxels, and a small one must never be
+    # erased by a large one (the mask has to agree with the labels).
+    for finding in sorted(findings, key=lambda f: PAINT_ORDER.index(f.label)):
         detail = dict(finding.detail)
         name = finding.label
         if name == "Lung nodule":
+            aerated = np.isin(labels, [L["lung"], L["pulmonary_vessel"], L["emphysema"]])
             region = _shrink(
-                _lobe_mask(anatomy, finding.side, finding.lobe), grid, finding.size_mm / 2
+                _lobe_mask(anatomy, finding.side, finding.lobe) & aerated,
+                grid,
+                finding.size_mm / 2,
             )
             centre = _random_point(region, rng, grid)
             if centre is None:  # lobe too small for this size: take the lobe's deepest point
@@ -132,6 +188,7 @@ def paint_findings(
             labels[nodule] = L["lung_nodule"]
             detail["centre_mm"] = [float(v) for v in centre]
         elif name == "Pleural effusion":
+            compressive = any(f.detail.get("kind") == "compressive" for f in findings)
             depth = {"small": 18, "moderate": 35, "large": 55}[finding.amount]
             sides = SIDES if finding.side == "bilateral" else (finding.side,)
             for side in sides:
@@ -142,7 +199,7 @@ def paint_findings(
                 floor = float(ys.min())
                 fluid = lung & (y <= floor + depth * anatomy.params["scale"])
                 labels[fluid] = L["pleural_effusion"]
-                if finding.amount != "small":  # compressive atelectasis above the fluid
+                if compressive:  # the lung band just above the fluid collapses
                     band = (
                         lung
                         & (y > floor + depth * anatomy.params["scale"])
@@ -156,6 +213,8 @@ def paint_findings(
             outer = _ellipsoid(x, y, z, c, radii + finding.size_mm)
             shell = outer & ~_ellipsoid(x, y, z, c, radii) & (labels != L["spine"])
             labels[shell & (labels != L["aorta"])] = L["pericardial_effusion"]
+        elif finding.detail.get("kind") == "compressive":
+            pass  # drawn with the effusion it belongs to, which knows the fluid level
         elif name in {"Consolidation", "Lung opacity", "Atelectasis"}:
             region = _lobe_mask(anatomy, finding.side, finding.lobe)
             value = {
@@ -245,13 +304,15 @@ def paint_findings(
             labels[sac & (z > centre[2] + 6)] = L[
                 "hernia_air"
             ]  # the air cap of the herniated stomach
+        painted.append(finding)
         drawn.append(
             Finding(
                 finding.label, finding.side, finding.lobe, finding.size_mm, finding.amount, detail
             )
         )
     del lungs
-    return drawn
+    order = {id(f): i for i, f in enumerate(findings)}
+    return [d for _, d in sorted(zip(painted, drawn, strict=True), key=lambda p: order[id(p[0])])]
 
 
 def lobe_name(side: str, lobe: str) -> str:

@@ -19,7 +19,14 @@ def _pick(rng: np.random.Generator, options: list[str]) -> str:
 
 
 def _where(f: Finding) -> str:
+    if f.side == "bilateral":
+        return f"the {f.lobe} lobes of both lungs" if f.lobe else "both lungs"
     return f"the {f.lobe} lobe of the {f.side} lung" if f.lobe else f"the {f.side} lung"
+
+
+def _lobe_short(f: Finding) -> str:
+    """'the right lower lobe' / 'both lower lobes' (IMPRESSION style)."""
+    return f"both {f.lobe} lobes" if f.side == "bilateral" else f"the {f.side} {f.lobe} lobe"
 
 
 def write_report(findings: list[Finding], rng: np.random.Generator) -> tuple[str, str]:
@@ -172,7 +179,15 @@ def write_report(findings: list[Finding], rng: np.random.Generator) -> tuple[str
                 f"Patchy ground-glass density increases are seen in {_where(f)}.",
             )
         )
-    if "Atelectasis" in by:
+    if "Atelectasis" in by and by["Atelectasis"].detail.get("kind") == "compressive":
+        f = by["Atelectasis"]
+        lung_sentences.append(
+            p(
+                f"Compressive atelectasis is observed in {_where(f)} adjacent to the effusion.",
+                f"Passive atelectasis secondary to the effusion is seen in {_where(f)}.",
+            )
+        )
+    elif "Atelectasis" in by:
         f = by["Atelectasis"]
         lung_sentences.append(
             p(
@@ -257,7 +272,9 @@ def write_report(findings: list[Finding], rng: np.random.Generator) -> tuple[str
             impression.append(f"{f.size_mm:.0f} mm nodule in the {f.side} {f.lobe} lobe.")
         elif name in {"Consolidation", "Lung opacity", "Atelectasis"}:
             term = {"Lung opacity": "Ground-glass opacity"}.get(name, name)
-            impression.append(f"{term} in the {f.side} {f.lobe} lobe.")
+            if f.detail.get("kind") == "compressive":
+                term = "Compressive atelectasis"
+            impression.append(f"{term} in {_lobe_short(f)}.")
         elif name == "Medical material":
             impression.append(f"{f.detail['device'].capitalize()} in place.")
         elif name == "Arterial wall calcification":

@@ -38,6 +38,15 @@ def verify(path: Path = typer.Argument(..., help="bundle directory")) -> None:
     except BundleError as error:
         typer.echo(f"refused: {error}", err=True)
         raise typer.Exit(1) from None
-    typer.echo(json.dumps({"bundle_sha256": sha, "preset": config.name, "default_shape": config.default_shape,
-                           "default_spacing_mm": config.default_spacing_mm,
-                           "encoders": [e.name for e in config.encoders]}, indent=2))
+    typer.echo(
+        json.dumps(
+            {
+                "bundle_sha256": sha,
+                "preset": config.name,
+                "default_shape": config.default_shape,
+                "default_spacing_mm": config.default_spacing_mm,
+                "encoders": [e.name for e in config.encoders],
+            },
+            indent=2,
+        )
+    )

@@ -4,7 +4,7 @@ they should, and reports that say exactly what is drawn."""
 import numpy as np
 import pytest
 
-from phantom.legend import BY_NAME, NOT_RENDERED, RENDERED_FINDINGS
+from phantom.legend import BY_NAME, FINDING_CLASSES, NOT_RENDERED, RENDERED_FINDINGS
 from phantom.world import draw, make_mask, make_phantom
 from report2ct.labels import CTRATE_LABELS
 
@@ -56,7 +56,7 @@ def test_anatomy_has_realistic_values():
 def test_pleural_effusion_fills_the_named_side(side):
     for seed in range(12):  # find a seed whose effusion lands on `side`
         anatomy, findings = draw(seed, requested={**NONE, "Pleural effusion": 1})
-        (effusion,) = findings
+        (effusion,) = [f for f in findings if f.label == "Pleural effusion"]
         if effusion.side == side:
             break
     fluid = anatomy.labels == V["pleural_effusion"]
@@ -142,6 +142,10 @@ def test_reports_say_exactly_what_is_drawn():
             assert (term in impression) == bool(p.labels[label]), (seed, label, p.impression)
         for label in NOT_RENDERED:
             assert p.labels[label] == 0
+        for label, classes in FINDING_CLASSES.items():  # the mask agrees with the labels
+            if label != "Cardiomegaly":  # its class is the heart itself
+                drawn = bool(np.isin(p.mask, [V[c] for c in classes]).any())
+                assert drawn == bool(p.labels[label]), (seed, label)
         assert set(p.labels) == set(CTRATE_LABELS)
         text = p.findings.lower()
         if not p.labels["Pleural effusion"]:
@@ -162,3 +166,58 @@ def test_reports_say_exactly_what_is_drawn():
 def test_wording_varies_between_phantoms():
     openings = {make_phantom(seed, requested=NONE).findings.split(".")[0] for seed in range(12)}
     assert len(openings) >= 2
+
+
+def test_a_large_effusion_brings_compressive_atelectasis_that_is_labelled_and_reported():
+    free = {k: v for k, v in NONE.items() if k != "Atelectasis"}  # atelectasis left to the world
+    for seed in range(40):
+        p = make_phantom(seed, requested={**free, "Pleural effusion": 1})
+        (effusion,) = [f for f in p.findings_list if f.label == "Pleural effusion"]
+        other = [
+            f
+            for f in p.findings_list
+            if f.label == "Atelectasis" and f.detail.get("kind") != "compressive"
+        ]
+        if effusion.amount != "small" and not other:  # no atelectasis of its own
+            break
+    assert p.labels["Atelectasis"] == 1
+    assert "compressive atelectasis" in p.impression.lower()
+    collapsed = p.mask == V["atelectasis"]
+    fluid = p.mask == V["pleural_effusion"]
+    y = np.arange(p.mask.shape[1])[None, :, None]
+    # the collapsed band lies above (anterior to) the dependent fluid
+    assert (
+        collapsed.sum() > 0
+        and np.broadcast_to(y, p.mask.shape)[collapsed].mean()
+        > np.broadcast_to(y, p.mask.shape)[fluid].mean()
+    )
+    # requested off, it is neither drawn nor labelled
+    q = make_phantom(seed, requested={**NONE, "Pleural effusion": 1})  # NONE has it off
+    assert q.labels["Atelectasis"] == 0 and not (q.mask == V["atelectasis"]).any()
+
+
+def test_requesting_a_label_the_phantom_cannot_draw_fails_clearly():
+    with pytest.raises(ValueError, match="never rendered"):
+        make_mask(0, requested={"Bronchiectasis": 1})
+    with pytest.raises(ValueError, match="not a CT-RATE label"):
+        make_mask(0, requested={"Pneumothorax": 1})
+    mask, findings = make_mask(0, requested={**NONE, "Bronchiectasis": 0, "Lung nodule": 1})
+    assert [f.label for f in findings] == ["Lung nodule"]
+    assert (mask == V["lung_nodule"]).any()
+
+
+def test_the_world_is_physical_not_voxel_sized():
+    """The same seed on a finer grid over the same field of view draws the
+    same anatomy (volumes in mL agree), and writes 256 x 256 x 128."""
+    coarse, _ = make_mask(4, requested={**NONE, "Lung nodule": 1})
+    fine, (nodule,) = make_mask(
+        4, shape=(256, 256, 128), spacing_mm=(1.5, 1.5, 2.5), requested={**NONE, "Lung nodule": 1}
+    )
+    assert fine.shape == (256, 256, 128)
+    for name in ("lung", "heart", "liver"):
+        ml_coarse = (coarse == V[name]).sum() * 4 * 4 * 5 / 1000
+        ml_fine = (fine == V[name]).sum() * 1.5 * 1.5 * 2.5 / 1000
+        # same field of view in z (64 x 5 mm vs 128 x 2.5 mm); x/y differ (384 vs 384 mm)
+        assert abs(ml_fine - ml_coarse) / ml_coarse < 0.1, (name, ml_coarse, ml_fine)
+    diameter = 2 * (3 * (fine == V["lung_nodule"]).sum() * 1.5 * 1.5 * 2.5 / (4 * np.pi)) ** (1 / 3)
+    assert abs(diameter - nodule.size_mm) <= 2.5

@@ -92,6 +92,18 @@ def parse_spacing(name: str, xy: str, z: str) -> tuple[float, float, float]:
     return spacing
 
 
+def _check_header(path: Path, name: str, what: str) -> tuple[int, ...]:
+    """Read only the NIfTI header (cheap), so bad volumes fail or are skipped
+    when the data set is indexed rather than mid-epoch."""
+    try:
+        shape = nib.load(str(path)).shape
+    except Exception as error:  # nibabel raises several types for unreadable files
+        raise CTRateError(f"{name}: {what} file unreadable as NIfTI: {path} ({error})") from None
+    if len(shape) != 3:
+        raise CTRateError(f"{name}: {what} is {len(shape)}-D {tuple(shape)}, expected 3-D")
+    return tuple(shape)
+
+
 def index_split(root: Path, split: str) -> list[VolumeRecord | CTRateError]:
     """Every volume of a split as a record, or the error that makes it unusable."""
     _folder, reports_csv, metadata_csv, labels_csv = SPLITS[split]
@@ -114,7 +126,13 @@ def index_split(root: Path, split: str) -> list[VolumeRecord | CTRateError]:
                 ) from None
             if not path.is_file():
                 raise CTRateError(f"{name}: volume file missing: {path}")
+            shape = _check_header(path, name, "volume")
             mask = root / "masks" / path.relative_to(root)
+            mask_shape = _check_header(mask, name, "mask") if mask.is_file() else shape
+            if mask_shape != shape:
+                raise CTRateError(
+                    f"{name}: mask shape {mask_shape} differs from the volume's {shape}"
+                )
             out.append(
                 VolumeRecord(
                     name=name,
@@ -122,7 +140,9 @@ def index_split(root: Path, split: str) -> list[VolumeRecord | CTRateError]:
                     mask_path=mask if mask.is_file() else None,
                     findings=reports[name].get("Findings_EN") or "",
                     impression=reports[name].get("Impressions_EN") or "",
-                    labels=tuple(int(float(labels[name][label])) for label in CTRATE_LABELS),
+                    labels=tuple(
+                        int(_number(name, label, labels[name][label])) for label in CTRATE_LABELS
+                    ),
                     spacing_mm=parse_spacing(name, meta.get("XYSpacing"), meta.get("ZSpacing")),
                     slope=_number(name, "RescaleSlope", meta.get("RescaleSlope", 1) or 1),
                     intercept=_number(
@@ -141,7 +161,9 @@ def load_canonical(path: Path, name: str, spacing_mm, *, order_name: str = "volu
     """(array in RAS+ axis order, spacing permuted to match)."""
     image = nib.load(str(path))
     if len(image.shape) != 3:
-        raise CTRateError(f"{name}: {order_name} is {len(image.shape)}-D, expected 3-D")
+        raise CTRateError(
+            f"{name}: {order_name} is {len(image.shape)}-D {tuple(image.shape)}, expected 3-D"
+        )
     data = np.asanyarray(image.dataobj)
     ornt = nib.orientations.io_orientation(image.affine)
     transform = nib.orientations.ornt_transform(
