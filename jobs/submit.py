@@ -74,10 +74,12 @@ def submit(
     address: str = DEFAULT_ADDRESS,
     retry: bool = False,
     runtime_env: dict[str, Any] | None = None,
+    agent_wait_s: float = 60.0,
 ) -> Submission:
     """Submit `spec` once. An identical spec already submitted is returned as
     is; with `retry`, a failed or stopped one is submitted again under the
-    next attempt id (a running or succeeded one never is)."""
+    next attempt id (a running or succeeded one never is). A cluster whose job
+    agent is still starting is waited for, up to `agent_wait_s`."""
     client = _client(address)
     attempt = 0
     while True:
@@ -88,18 +90,25 @@ def submit(
         if not retry or status not in {"FAILED", "STOPPED"}:
             return Submission(job_id, status, created=False)
         attempt += 1
-    try:
-        client.submit_job(
-            entrypoint=entrypoint(spec),
-            submission_id=job_id,
-            runtime_env=runtime_env,
-            metadata={"ctfactory.kind": spec.kind, "ctfactory.spec_sha256": spec.digest()},
-        )
-    except RuntimeError as error:
-        # Two submitters raced: the other one created it, which is the same job.
-        if "already exists" not in str(error):
-            raise
-        return Submission(job_id, str(client.get_job_info(job_id).status), created=False)
+    deadline = time.monotonic() + agent_wait_s
+    while True:
+        try:
+            client.submit_job(
+                entrypoint=entrypoint(spec),
+                submission_id=job_id,
+                runtime_env=runtime_env,
+                metadata={"ctfactory.kind": spec.kind, "ctfactory.spec_sha256": spec.digest()},
+            )
+            break
+        except RuntimeError as error:
+            if "already exists" in str(error):
+                # Two submitters raced: the other one created it, which is the same job.
+                return Submission(job_id, str(client.get_job_info(job_id).status), created=False)
+            # A head that has just started answers before its job agent is up
+            # (HTTP 500 "No available agent"): wait for it rather than fail.
+            if "No available agent" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
     return Submission(job_id, str(client.get_job_info(job_id).status), created=True)
 
 
