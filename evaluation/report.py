@@ -49,7 +49,7 @@ class EvalSettings:
     seed: int = 0
 
 
-def _models(
+def evaluation_models(
     train: Sequence[Case],
     settings: EvalSettings,
     out_dir: Path,
@@ -121,7 +121,7 @@ def evaluate(
     settings = settings or EvalSettings()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cls, clip_model, net, sources = _models(
+    cls, clip_model, net, sources = evaluation_models(
         reference_train, settings, out, classifier=classifier, clip=clip, feature_net=feature_net
     )
     metrics = score(
