@@ -20,7 +20,7 @@ def demo(
     out: Path = typer.Option(Path("out"), "--out", help="output root"),
     workers: int = typer.Option(2, "--workers", min=1),
     steps: int | None = typer.Option(
-        None, "--steps", min=1, help="sampling steps [default: the bundle's]"
+        None, "--steps", min=1, help="sampling steps (default: the bundle's)"
     ),
 ) -> None:
     """Generate the example reports with the demo bundle (local Ray, 2 workers)."""

@@ -23,13 +23,13 @@ def evaluate(
     classifier: str | None = typer.Option(
         None,
         "--classifier",
-        help="label-classifier bundle [default: train one on the reference's train split]",
+        help="label-classifier bundle (default: train one on the reference's train split)",
     ),
-    clip: str | None = typer.Option(None, "--clip", help="CLIP-pair bundle [default: train one]"),
+    clip: str | None = typer.Option(None, "--clip", help="CLIP-pair bundle (default: train one)"),
     feature_net: str | None = typer.Option(
         None,
         "--feature-net",
-        help="slice feature network: a bundle dir, or radimagenet:<local weights file> [default: train one]",
+        help="slice feature network: a bundle dir, or radimagenet:<local weights file> (default: train one)",
     ),
     spacing_mm: tuple[float, float, float] = typer.Option(
         (8.0, 8.0, 10.0), "--spacing-mm", help="common grid spacing x y z (mm)"
@@ -98,7 +98,7 @@ def ablate(
         ..., "--out", "-o", help="directory for ablation.json and ablation.md"
     ),
     n: int = typer.Option(40, "--n", min=4, help="reports (fresh phantom seeds) per variant"),
-    steps: int | None = typer.Option(None, "--steps", help="sampler steps [default: the bundle's]"),
+    steps: int | None = typer.Option(None, "--steps", help="sampler steps (default: the bundle's)"),
     scales: list[float] = typer.Option(
         [3.0, 5.0], "--scale", help="guidance scales 'on', repeatable"
     ),

@@ -23,7 +23,7 @@ def generate(
         help="model bundle (local dir or s3://); default: the committed demo bundle",
     ),
     run: str | None = typer.Option(
-        None, "--run", help="run name under --out [default: the manifest's file name]"
+        None, "--run", help="run name under --out (default: the manifest's file name)"
     ),
     workers: int = typer.Option(
         1, "--workers", min=1, help="generation actors (one per GPU on a GPU cluster)"
@@ -36,10 +36,10 @@ def generate(
     ),
     precision: str = typer.Option("bf16", "--precision", help="bf16 | fp16 | fp32 (autocast)"),
     steps: int | None = typer.Option(
-        None, "--steps", min=1, help="sampling steps [default: the bundle's]"
+        None, "--steps", min=1, help="sampling steps (default: the bundle's)"
     ),
     guidance: float | None = typer.Option(
-        None, "--guidance", min=0, help="guidance scale [default: the bundle's]"
+        None, "--guidance", min=0, help="guidance scale (default: the bundle's)"
     ),
     batch_size: int = typer.Option(
         1, "--batch-size", min=1, help="volumes sampled together per actor call"

@@ -10,7 +10,7 @@ import typer
 from jobs.cli._app import app
 
 ADDRESS = typer.Option(
-    None, "--address", help="Ray dashboard URL [default: $RAY_ADDRESS or http://127.0.0.1:8265]"
+    None, "--address", help="Ray dashboard URL (default: $RAY_ADDRESS or http://127.0.0.1:8265)"
 )
 
 

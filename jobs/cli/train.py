@@ -28,9 +28,15 @@ def demo_bundle(
     work: Path = typer.Option(
         Path("runs/demo-build"), "--work", help="scratch: phantoms, checkpoints, caches"
     ),
-    phantoms: int = typer.Option(500, "--phantoms", min=4, help="training phantoms"),
-    vae_steps: int = typer.Option(500, "--vae-steps", min=1),
-    ldm_steps: int = typer.Option(700, "--ldm-steps", min=1),
+    phantoms: int | None = typer.Option(
+        None, "--phantoms", min=4, help="training phantoms (default: the recipe's, 500)"
+    ),
+    vae_steps: int | None = typer.Option(
+        None, "--vae-steps", min=1, help="(default: the recipe's, 500)"
+    ),
+    ldm_steps: int | None = typer.Option(
+        None, "--ldm-steps", min=1, help="(default: the recipe's, 2400 of 8)"
+    ),
     preset: str = typer.Option("demo", "--preset", help="demo | tiny"),
 ) -> None:
     """Build the demo bundle end to end: phantoms -> report BERT -> VAE ->
@@ -45,9 +51,9 @@ def demo_bundle(
     recipe = dataclasses.replace(
         recipe,
         preset=preset,
-        phantoms=phantoms,
-        vae=dataclasses.replace(recipe.vae, steps=vae_steps),
-        ldm=dataclasses.replace(recipe.ldm, steps=ldm_steps),
+        phantoms=phantoms or recipe.phantoms,
+        vae=dataclasses.replace(recipe.vae, steps=vae_steps or recipe.vae.steps),
+        ldm=dataclasses.replace(recipe.ldm, steps=ldm_steps or recipe.ldm.steps),
     )
     sha = build_demo_bundle(out, work, recipe)
     typer.echo(f"bundle {out} sha256 {sha}")
