@@ -68,3 +68,35 @@ def test_duplicate_ids_keep_the_first_and_blank_lines_are_skipped():
     assert [line for line, _ in rows] == [1, 3]
     assert isinstance(rows[0][1], ManifestRecord)
     assert isinstance(rows[1][1], Rejection) and "duplicate id" in rows[1][1].reason
+
+
+def test_id_set_finds_duplicates_within_and_across_batches_and_chunks():
+    import numpy as np
+
+    from factory.manifest import IdSet
+
+    ids = IdSet(chunk=64)
+    assert ids.add_many([f"pt-{i}" for i in range(100)]) == [True] * 100  # spills into 2 chunks
+    assert ids.add_many(["pt-0", "new", "pt-99", "new", "pt-63"]) == [
+        False,
+        True,
+        False,
+        False,
+        False,
+    ]
+    assert len(ids) == 101 and len(ids._chunks) == 2
+    assert all((np.diff(c.astype(np.float64)) > 0).all() for c in ids._chunks)  # sorted, distinct
+    assert sum(c.nbytes for c in ids._chunks) == 8 * 101  # 8 bytes per id
+
+
+def test_duplicates_across_read_batches_name_the_later_line():
+    lines = [
+        json.dumps({"id": f"r{i % 7}", "findings": "a", "impression": "b"}).encode()
+        for i in range(20)
+    ]
+    results = list(read_manifest(iter(lines), batch=3))
+    assert [n for n, _ in results] == list(range(1, 21))
+    rejected = [n for n, r in results if isinstance(r, Rejection)]
+    assert rejected == list(range(8, 21)) and all(
+        "duplicate id" in r.reason for _, r in results[7:]
+    )
