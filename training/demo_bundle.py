@@ -52,12 +52,12 @@ class DemoRecipe:
     vae_crop: tuple[int, int, int] = (32, 32, 32)
     ldm: TrainConfig = field(
         default_factory=lambda: TrainConfig(
-            steps=700,
+            steps=2400,
             micro_batch=8,
             lr=3e-4,
             warmup_steps=40,
             ema_decay=0.995,
-            checkpoint_every=200,
+            checkpoint_every=400,
         )
     )
 
@@ -87,9 +87,21 @@ def load_volumes(root: Path, config: ModelConfig) -> tuple[torch.Tensor, list[di
 
 def build_demo_bundle(out: str | Path, work: str | Path, recipe: DemoRecipe = DemoRecipe()) -> str:
     out, work = Path(out), Path(work)
-    started = time.time()
     config = preset(recipe.preset)
+    # Wall seconds per stage over every invocation of this build (a resumed
+    # stage adds to what its earlier runs spent), kept in the work directory.
+    ledger = work / "timings.json"
+    spent = json.loads(ledger.read_text()) if ledger.exists() else {}
     timings = {}
+    mark = time.time()
+
+    def lap(name: str) -> None:
+        nonlocal mark
+        now = time.time()
+        timings[name] = spent.get(name, 0.0) + (now - mark)
+        mark = now
+        ledger.parent.mkdir(parents=True, exist_ok=True)
+        ledger.write_text(json.dumps({**spent, **timings}, indent=2))
 
     data = work / "phantoms"
     if not (data / "masks" / "legend.json").exists():
@@ -104,7 +116,7 @@ def build_demo_bundle(out: str | Path, work: str | Path, recipe: DemoRecipe = De
             workers=2,
         )
     volumes, meta = load_volumes(data, config)
-    timings["phantoms_s"] = time.time() - started
+    lap("phantoms_s")
 
     bert_spec = next(e for e in config.encoders if e.source.startswith("bundle:"))
     bert_dir = work / bert_spec.source.removeprefix("bundle:")
@@ -113,10 +125,10 @@ def build_demo_bundle(out: str | Path, work: str | Path, recipe: DemoRecipe = De
         train_report_bert(
             texts, bert_dir, hidden_size=bert_spec.dim, steps=recipe.bert_steps, seed=recipe.seed
         )
-    timings["bert_s"] = time.time() - started - sum(timings.values())
+    lap("bert_s")
 
     codec, vae_result = train_vae(config, volumes, recipe.vae, work / "vae", crop=recipe.vae_crop)
-    timings["vae_s"] = time.time() - started - sum(timings.values())
+    lap("vae_s")
 
     cache = work / "cache.safetensors"
     if not cache.exists():
@@ -130,7 +142,7 @@ def build_demo_bundle(out: str | Path, work: str | Path, recipe: DemoRecipe = De
     cached = load_cache(cache)
     scale = latent_scale_factor(cached["latents"])
     config = dataclasses.replace(config, latent_scale=scale)
-    timings["cache_s"] = time.time() - started - sum(timings.values())
+    lap("cache_s")
 
     denoiser, ldm_result = train_ldm(
         config,
@@ -138,7 +150,7 @@ def build_demo_bundle(out: str | Path, work: str | Path, recipe: DemoRecipe = De
         recipe.ldm,
         work / "ldm",
     )
-    timings["ldm_s"] = time.time() - started - sum(timings.values())
+    lap("ldm_s")
 
     recipe_json = work / "recipe.json"
     recipe_json.write_text(json.dumps(dataclasses.asdict(recipe), indent=2, default=list))
