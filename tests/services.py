@@ -157,6 +157,20 @@ class LocalRayHead:
                 "--dashboard-host=127.0.0.1",
                 f"--dashboard-port={self.dashboard_port}",
                 "--include-dashboard=true",
+                # Every agent port free, not Ray's defaults: the in-process
+                # `ray_local` cluster of the same test session holds those,
+                # and a head whose job agent cannot bind answers every
+                # submission with "No available agent to submit job".
+                *(
+                    f"--{name}={free_port()}"
+                    for name in (
+                        "dashboard-agent-listen-port",
+                        "dashboard-agent-grpc-port",
+                        "metrics-export-port",
+                        "runtime-env-agent-port",
+                        "ray-client-server-port",
+                    )
+                ),
                 f"--num-cpus={self.num_cpus}",
                 "--num-gpus=0",
                 "--disable-usage-stats",

@@ -138,7 +138,7 @@ def test_ctrate_quirks_read_correctly(tmp_path):
         ({"xy": "0.75, 0.75"}, "XYSpacing is malformed"),
         ({"z": "nan"}, "ZSpacing is not finite"),
         ({"xy": "[0.75, -0.75]"}, "spacing must be positive"),
-        ({"ndim": 4}, "4-D, expected 3-D"),
+        ({"ndim": 4}, r"4-D \(8, 6, 4, 1\), expected 3-D"),
         ({"drop_labels": True}, "no row in train_predicted_labels.csv"),
     ],
 )
