@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class DemoRecipe:
     preset: str = "demo"
+    # Names of the preset's text encoders to keep (None: all of them); the
+    # paper's one-encoder ablation keeps one.
+    encoders: tuple[str, ...] | None = None
     phantoms: int = 500
     seed: int = 0
     bert_steps: int = 200
@@ -88,6 +91,14 @@ def load_volumes(root: Path, config: ModelConfig) -> tuple[torch.Tensor, list[di
 def build_demo_bundle(out: str | Path, work: str | Path, recipe: DemoRecipe = DemoRecipe()) -> str:
     out, work = Path(out), Path(work)
     config = preset(recipe.preset)
+    if recipe.encoders is not None:
+        kept = tuple(e for e in config.encoders if e.name in recipe.encoders)
+        if len(kept) != len(set(recipe.encoders)):
+            names = ", ".join(e.name for e in config.encoders)
+            raise ValueError(
+                f"encoders {recipe.encoders} not all in preset {recipe.preset!r} ({names})"
+            )
+        config = dataclasses.replace(config, encoders=kept)
     # Wall seconds per stage over every invocation of this build (a resumed
     # stage adds to what its earlier runs spent), kept in the work directory.
     ledger = work / "timings.json"

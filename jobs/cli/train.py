@@ -38,6 +38,11 @@ def demo_bundle(
         None, "--ldm-steps", min=1, help="(default: the recipe's, 2400 of 8)"
     ),
     preset: str = typer.Option("demo", "--preset", help="demo | tiny"),
+    encoder: list[str] | None = typer.Option(
+        None,
+        "--encoder",
+        help="keep only these of the preset's text encoders, repeatable (the one-encoder ablation)",
+    ),
 ) -> None:
     """Build the demo bundle end to end: phantoms -> report BERT -> VAE ->
     latent/text caches -> latent diffusion -> export. Resumable: rerun the
@@ -51,6 +56,7 @@ def demo_bundle(
     recipe = dataclasses.replace(
         recipe,
         preset=preset,
+        encoders=tuple(encoder) if encoder else None,
         phantoms=phantoms or recipe.phantoms,
         vae=dataclasses.replace(recipe.vae, steps=vae_steps or recipe.vae.steps),
         ldm=dataclasses.replace(recipe.ldm, steps=ldm_steps or recipe.ldm.steps),

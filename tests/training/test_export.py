@@ -32,3 +32,19 @@ def test_demo_path_exports_a_bundle_the_model_core_samples(tmp_path):
         num_steps=2,
     )
     assert result.volumes_hu.shape == (1, 32, 32, 16) and np.isfinite(result.volumes_hu).all()
+
+
+def test_one_encoder_recipe_keeps_only_that_encoder(tmp_path):
+    import dataclasses
+
+    from report2ct.bundle import read_config
+    from training.demo_bundle import build_demo_bundle, tiny_recipe
+
+    recipe = dataclasses.replace(tiny_recipe(), encoders=("tiny-bert",))
+    build_demo_bundle(tmp_path / "bundle", tmp_path / "work", recipe)
+    config = read_config(tmp_path / "bundle")
+    assert [e.name for e in config.encoders] == ["tiny-bert"] and config.context_dim == 32
+    with pytest.raises(ValueError, match="not all in preset"):
+        build_demo_bundle(
+            tmp_path / "b2", tmp_path / "w2", dataclasses.replace(recipe, encoders=("CXR-BERT",))
+        )
