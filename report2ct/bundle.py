@@ -363,12 +363,7 @@ def build_random_bundle(
     config = config or preset(preset_name)
     torch.manual_seed(seed)
     codec = LatentCodec(config.vae, latent_scale=config.latent_scale)
-    denoiser = Denoiser(
-        config.unet,
-        latent_channels=config.vae.latent_channels,
-        context_dim=config.context_dim,
-        num_train_timesteps=config.num_train_timesteps,
-    )
+    denoiser = Denoiser.for_model(config)
     perturb_zero_init(denoiser, seed=seed)
     weights = {"vae": codec.vae.state_dict(), "denoiser": denoiser.unet.state_dict()}
     with tempfile.TemporaryDirectory() as scratch:

@@ -18,7 +18,7 @@ from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import (
 )
 from torch import nn
 
-from report2ct.config import UNetConfig
+from report2ct.config import ModelConfig, UNetConfig
 
 # MAISI feeds spacing in units of 10 micrometres (spacing_mm * 100) to its
 # spacing embedding; keep its convention so MAISI checkpoints stay compatible.
@@ -49,6 +49,17 @@ class Denoiser(nn.Module):
             with_conditioning=True,
             cross_attention_dim=context_dim,
             include_spacing_input=config.include_spacing_input,
+        )
+
+    @classmethod
+    def for_model(cls, config: ModelConfig) -> Denoiser:
+        """The denoiser a whole model config asks for (latent channels from
+        its VAE, context width from its text encoders)."""
+        return cls(
+            config.unet,
+            latent_channels=config.vae.latent_channels,
+            context_dim=config.context_dim,
+            num_train_timesteps=config.num_train_timesteps,
         )
 
     def forward(

@@ -60,12 +60,7 @@ class Report2CT(nn.Module):
         self.bundle_dir = bundle_dir
         self.bundle_sha256 = bundle_sha256
         self.codec = LatentCodec(config.vae, latent_scale=config.latent_scale)
-        self.denoiser = Denoiser(
-            config.unet,
-            latent_channels=config.vae.latent_channels,
-            context_dim=config.context_dim,
-            num_train_timesteps=config.num_train_timesteps,
-        )
+        self.denoiser = Denoiser.for_model(config)
         self.to(device)
         self.conditioner = (
             TextConditioner(

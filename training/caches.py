@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from report2ct.codec import LatentCodec
+from report2ct.config import ModelConfig
 from report2ct.text import TextConditioner
 
 
@@ -49,3 +50,29 @@ def save_cache(path: Path, **tensors: torch.Tensor) -> None:
 
 def load_cache(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
+
+
+def latent_text_cache(
+    path: Path,
+    codec: LatentCodec,
+    config: ModelConfig,
+    volumes_hu: torch.Tensor,
+    meta: list[dict],
+    *,
+    encoders_dir: Path | None,
+) -> tuple[dict[str, torch.Tensor], float]:
+    """The diffusion stage's inputs, computed once into `path` and reused:
+    (cache with latents scaled to unit variance, contexts and spacings; the
+    latent scale factor). `encoders_dir` holds `bundle:` text encoders."""
+    if not path.exists():
+        latents = encode_latents(codec, volumes_hu)
+        conditioner = TextConditioner(config.encoders, bundle_dir=encoders_dir)
+        contexts = encode_reports(
+            conditioner, [m["findings"] for m in meta], [m["impression"] for m in meta]
+        )
+        spacings = torch.tensor([m["spacing_mm"] for m in meta], dtype=torch.float32)
+        save_cache(path, latents=latents, contexts=contexts, spacings=spacings)
+    cached = load_cache(path)
+    scale = latent_scale_factor(cached["latents"])
+    cached["latents"] = cached["latents"] * scale
+    return cached, scale

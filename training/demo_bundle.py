@@ -22,14 +22,7 @@ import torch
 from phantom.ctrate_layout import DatasetSpec, write_dataset
 from report2ct.bundle import save_bundle
 from report2ct.config import ModelConfig, preset
-from report2ct.text import TextConditioner
-from training.caches import (
-    encode_latents,
-    encode_reports,
-    latent_scale_factor,
-    load_cache,
-    save_cache,
-)
+from training.caches import latent_text_cache
 from training.data.ctrate import CTRateDataset
 from training.encoder import train_report_bert
 from training.engine import TrainConfig
@@ -141,23 +134,15 @@ def build_demo_bundle(out: str | Path, work: str | Path, recipe: DemoRecipe = De
     codec, vae_result = train_vae(config, volumes, recipe.vae, work / "vae", crop=recipe.vae_crop)
     lap("vae_s")
 
-    cache = work / "cache.safetensors"
-    if not cache.exists():
-        latents = encode_latents(codec, volumes)
-        conditioner = TextConditioner(config.encoders, bundle_dir=work)
-        contexts = encode_reports(
-            conditioner, [m["findings"] for m in meta], [m["impression"] for m in meta]
-        )
-        spacings = torch.tensor([m["spacing_mm"] for m in meta], dtype=torch.float32)
-        save_cache(cache, latents=latents, contexts=contexts, spacings=spacings)
-    cached = load_cache(cache)
-    scale = latent_scale_factor(cached["latents"])
+    cached, scale = latent_text_cache(
+        work / "cache.safetensors", codec, config, volumes, meta, encoders_dir=work
+    )
     config = dataclasses.replace(config, latent_scale=scale)
     lap("cache_s")
 
     denoiser, ldm_result = train_ldm(
         config,
-        LatentSet(cached["latents"] * scale, cached["contexts"], cached["spacings"]),
+        LatentSet(cached["latents"], cached["contexts"], cached["spacings"]),
         recipe.ldm,
         work / "ldm",
     )
@@ -165,24 +150,50 @@ def build_demo_bundle(out: str | Path, work: str | Path, recipe: DemoRecipe = De
 
     recipe_json = work / "recipe.json"
     recipe_json.write_text(json.dumps(dataclasses.asdict(recipe), indent=2, default=list))
-    return save_bundle(
+    return export_bundle(
         out,
-        config=config,
-        weights={"vae": codec.vae.state_dict(), "denoiser": denoiser.unet.state_dict()},
-        extra_dirs={bert_spec.source.removeprefix("bundle:"): bert_dir},
-        extra_files={
-            "training/loss_vae.png": work / "vae" / "loss.png",
-            "training/loss_ldm.png": work / "ldm" / "loss.png",
-            "training/recipe.json": recipe_json,
-        },
+        config,
+        codec,
+        denoiser,
+        encoders_dir=work,
+        runs={"vae": work / "vae", "ldm": work / "ldm"},
+        extra_files={"training/recipe.json": recipe_json},
         metadata={
-            "trained": True,
             "training_data": f"{len(volumes)} chest phantoms (ct-factory phantom world, seed {recipe.seed}); "
             "no patient data",
             "final_loss": {"vae": vae_result.losses[-1], "ldm": ldm_result.losses[-1]},
             "timings_s": timings,
-            "latent_scale": scale,
         },
+    )
+
+
+def export_bundle(
+    out: str | Path,
+    config: ModelConfig,
+    codec,
+    denoiser,
+    *,
+    encoders_dir: Path | None,
+    runs: dict[str, Path],
+    extra_files: dict[str, Path] | None = None,
+    metadata: dict | None = None,
+) -> str:
+    """Write trained (EMA) weights as a verified bundle the model core loads:
+    the `bundle:` text encoders copied from `encoders_dir`, each run's loss
+    curve under training/. Returns the bundle's sha256."""
+    local = [
+        e.source.removeprefix("bundle:") for e in config.encoders if e.source.startswith("bundle:")
+    ]
+    if local and encoders_dir is None:
+        raise ValueError(f"encoders {local} live in the bundle: give the directory that holds them")
+    curves = {f"training/loss_{name}.png": Path(run) / "loss.png" for name, run in runs.items()}
+    return save_bundle(
+        out,
+        config=config,
+        weights={"vae": codec.vae.state_dict(), "denoiser": denoiser.unet.state_dict()},
+        extra_dirs={name: Path(encoders_dir) / name for name in local},
+        extra_files={**{k: v for k, v in curves.items() if v.exists()}, **(extra_files or {})},
+        metadata={"trained": True, "latent_scale": config.latent_scale, **(metadata or {})},
     )
 
 

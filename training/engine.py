@@ -166,6 +166,18 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return tags[-1].parent if tags else None
 
 
+def load_ema(module: torch.nn.Module, run_dir: Path) -> int:
+    """Load the EMA weights of a run's latest checkpoint into `module` (fp32);
+    returns the checkpoint's step. Raises if the run has no checkpoint."""
+    checkpoint = latest_checkpoint(Path(run_dir))
+    if checkpoint is None:
+        raise FileNotFoundError(f"{run_dir}: no checkpoints/step-*/ to load EMA weights from")
+    state = {k: v.detach().float().clone() for k, v in module.state_dict().items()}
+    state.update(load_file(checkpoint / "ema.safetensors"))
+    module.float().load_state_dict(state)
+    return int(checkpoint.name.removeprefix("step-"))
+
+
 def train(
     module: torch.nn.Module,
     loss_fn: Callable[[torch.nn.Module, Any, torch.Generator], torch.Tensor],

@@ -127,12 +127,7 @@ class LDMLoss:
 def train_ldm(
     config: ModelConfig, data: LatentSet, train_config: TrainConfig, out_dir: Path, **kwargs
 ) -> tuple[Denoiser, TrainResult]:
-    denoiser = Denoiser(
-        config.unet,
-        latent_channels=config.vae.latent_channels,
-        context_dim=config.context_dim,
-        num_train_timesteps=config.num_train_timesteps,
-    )
+    denoiser = Denoiser.for_model(config)
     result = train(denoiser, LDMLoss(config.cond_dropout), data, train_config, out_dir, **kwargs)
     denoiser.float().load_state_dict(result.ema)
     return denoiser, result

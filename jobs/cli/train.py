@@ -93,3 +93,91 @@ def vae(
         crop=crop,
     )
     typer.echo(f"trained; checkpoints in {out / 'checkpoints'}")
+
+
+@train_app.command("ldm")
+def ldm(
+    data: Path = typer.Option(..., "--data", help="CT-RATE-layout data set root"),
+    vae_run: Path = typer.Option(
+        ..., "--vae-run", help="a `train vae` run directory (its EMA weights)"
+    ),
+    out: Path = typer.Option(
+        ..., "--out", help="run directory (cache, checkpoints, log, loss curve)"
+    ),
+    encoders_dir: Path | None = typer.Option(
+        None,
+        "--encoders-dir",
+        help="directory holding the preset's bundle: text encoders (encoders/<name>)",
+    ),
+    preset: str = typer.Option("demo", "--preset"),
+    steps: int = typer.Option(2400, "--steps", min=1),
+    micro_batch: int = typer.Option(8, "--micro-batch", min=1),
+    lr: float = typer.Option(3e-4, "--lr"),
+    zero_stage: int = typer.Option(2, "--zero-stage", min=0, max=3),
+) -> None:
+    """Train the latent diffusion model on cached VAE latents and report
+    contexts (computed once into OUT/cache.safetensors); resumes from OUT."""
+    import dataclasses
+
+    from report2ct.codec import LatentCodec
+    from report2ct.config import preset as model_preset
+    from training.caches import latent_text_cache
+    from training.demo_bundle import load_volumes
+    from training.engine import TrainConfig, load_ema
+    from training.stages import LatentSet, train_ldm
+
+    _setup_logging()
+    config = model_preset(preset)
+    codec = LatentCodec(config.vae)
+    load_ema(codec.vae, vae_run)
+    volumes, meta = load_volumes(data, config)
+    cached, scale = latent_text_cache(
+        out / "cache.safetensors", codec, config, volumes, meta, encoders_dir=encoders_dir
+    )
+    train_ldm(
+        dataclasses.replace(config, latent_scale=scale),
+        LatentSet(cached["latents"], cached["contexts"], cached["spacings"]),
+        TrainConfig(steps=steps, micro_batch=micro_batch, lr=lr, zero_stage=zero_stage),
+        out,
+    )
+    typer.echo(f"trained; checkpoints in {out / 'checkpoints'} (latent scale {scale:.4f})")
+
+
+@train_app.command("export")
+def export(
+    vae_run: Path = typer.Option(..., "--vae-run", help="a `train vae` run directory"),
+    ldm_run: Path = typer.Option(..., "--ldm-run", help="a `train ldm` run directory"),
+    out: Path = typer.Option(..., "--out", help="bundle directory to write"),
+    encoders_dir: Path | None = typer.Option(
+        None, "--encoders-dir", help="directory holding the preset's bundle: text encoders"
+    ),
+    preset: str = typer.Option("demo", "--preset"),
+) -> None:
+    """Export the runs' EMA weights (latest checkpoints) as a verified bundle
+    that `ctfactory generate --model` loads."""
+    import dataclasses
+
+    from report2ct.codec import LatentCodec
+    from report2ct.config import preset as model_preset
+    from report2ct.denoiser import Denoiser
+    from training.caches import latent_scale_factor, load_cache
+    from training.demo_bundle import export_bundle
+    from training.engine import load_ema
+
+    config = model_preset(preset)
+    scale = latent_scale_factor(load_cache(ldm_run / "cache.safetensors")["latents"])
+    config = dataclasses.replace(config, latent_scale=scale)
+    codec = LatentCodec(config.vae)
+    vae_step = load_ema(codec.vae, vae_run)
+    denoiser = Denoiser.for_model(config)
+    ldm_step = load_ema(denoiser, ldm_run)
+    sha = export_bundle(
+        out,
+        config,
+        codec,
+        denoiser,
+        encoders_dir=encoders_dir,
+        runs={"vae": vae_run, "ldm": ldm_run},
+        metadata={"steps": {"vae": vae_step, "ldm": ldm_step}},
+    )
+    typer.echo(f"bundle {out} sha256 {sha}")

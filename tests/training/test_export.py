@@ -48,3 +48,65 @@ def test_one_encoder_recipe_keeps_only_that_encoder(tmp_path):
         build_demo_bundle(
             tmp_path / "b2", tmp_path / "w2", dataclasses.replace(recipe, encoders=("CXR-BERT",))
         )
+
+
+def test_stage_commands_train_vae_then_ldm_then_export(tmp_path):
+    """`ctfactory train vae`, `train ldm`, `train export` chained on a tiny
+    preset: the exported bundle verifies and samples."""
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+    from phantom.ctrate_layout import DatasetSpec, write_dataset
+    from report2ct.bundle import load_bundle, write_random_bert
+    from report2ct.config import preset
+    from report2ct.pipeline import generate
+
+    tiny = preset("tiny")
+    write_dataset(
+        tmp_path / "data",
+        DatasetSpec(n=6, seed=1, shape=tiny.default_shape, spacing_mm=tiny.default_spacing_mm),
+    )
+    write_random_bert(tmp_path / "enc/encoders/tiny-bert", hidden_size=32)
+    runner = CliRunner()
+    common = ["--preset", "tiny", "--steps", "2", "--micro-batch", "2"]
+    vae_args = ["--data", str(tmp_path / "data"), "--out", str(tmp_path / "vae")]
+    result = runner.invoke(app, ["train", "vae", *vae_args, *common, "--crop", "16", "16", "16"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(
+        app,
+        [
+            *("train", "ldm", "--data", str(tmp_path / "data"), "--vae-run", str(tmp_path / "vae")),
+            *("--out", str(tmp_path / "ldm"), "--encoders-dir", str(tmp_path / "enc"), *common),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "ldm/cache.safetensors").exists()
+    result = runner.invoke(
+        app,
+        [
+            *(
+                "train",
+                "export",
+                "--vae-run",
+                str(tmp_path / "vae"),
+                "--ldm-run",
+                str(tmp_path / "ldm"),
+            ),
+            *("--out", str(tmp_path / "bundle"), "--encoders-dir", str(tmp_path / "enc")),
+            *("--preset", "tiny"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    document = json.loads((tmp_path / "bundle/config.json").read_text())
+    assert document["metadata"]["steps"] == {"vae": 2, "ldm": 2}
+    assert (tmp_path / "bundle/training/loss_ldm.png").exists()
+    model = load_bundle(tmp_path / "bundle")
+    volume = generate(
+        model,
+        findings=["Cardiomegaly."],
+        impressions=["Enlarged heart."],
+        spacings_mm=[tiny.default_spacing_mm],
+        seeds=[1],
+        num_steps=2,
+    ).volumes_hu
+    assert np.isfinite(volume).all()
