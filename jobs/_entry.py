@@ -48,7 +48,7 @@ def main(kind: str, run: Callable[[Any], int], argv: list[str] | None = None) ->
     )
     try:
         spec = read_spec(argv, kind)
+        return int(run(spec))
     except SpecError as error:
         print(error, file=sys.stderr)
         return EXIT_FATAL
-    return int(run(spec))

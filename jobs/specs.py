@@ -79,8 +79,9 @@ class EvaluateSpec(_Spec):
 
     kind: Literal["evaluate"]
     generated: Uri = Field(description="a generate job's index")
-    reference: Uri = Field(description="a phantom dataset in CT-RATE layout")
+    reference: Uri = Field(description="a phantom dataset in CT-RATE layout (a local directory)")
     output: Uri
+    epochs: int = Field(20, ge=1, description="epochs for the evaluation networks trained here")
 
 
 class ShardSpec(_Spec):
