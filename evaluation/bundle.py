@@ -61,3 +61,27 @@ def load_eval_bundle(
             f"expected a {kind!r} bundle ({FORMAT!r})"
         )
     return document["config"], document["metadata"], load_file(root / WEIGHTS)
+
+
+class EvalBundleModule:
+    """`save` / `load` for an evaluation network (an `nn.Module` with a
+    `KIND` and a `config` dict of its constructor's arguments)."""
+
+    KIND: str
+    config: dict[str, Any]
+
+    def save(self, out_dir: str | Path, *, metadata: Mapping[str, Any] | None = None) -> str:
+        return save_eval_bundle(
+            out_dir,
+            kind=self.KIND,
+            config=self.config,
+            state_dict=self.state_dict(),
+            metadata=metadata,
+        )
+
+    @classmethod
+    def load(cls, path: str | Path):
+        config, _, state = load_eval_bundle(path, kind=cls.KIND)
+        model = cls(**config)
+        model.load_state_dict(state)
+        return model.eval()

@@ -10,7 +10,6 @@ recognisably as real ones do).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,13 +17,13 @@ import torch
 from monai.networks.nets import ResNet
 from torch import nn
 
-from evaluation.bundle import load_eval_bundle, save_eval_bundle
+from evaluation.bundle import EvalBundleModule
 from evaluation.data import Case, stack_grid
 from evaluation.metrics import macro_auroc, per_label_auroc
 from report2ct.labels import CTRATE_LABELS
 
 
-class LabelClassifier(nn.Module):
+class LabelClassifier(EvalBundleModule, nn.Module):
     """(N, 1, X, Y, Z) volumes on its grid (HU window in [0, 1]) -> (N, 18) logits.
 
     A four-stage basic-block 3D ResNet (MONAI); the grid it was trained on
@@ -65,22 +64,6 @@ class LabelClassifier(nn.Module):
             for i in range(0, len(cases), batch_size)
         ]
         return torch.cat(out).numpy()
-
-    def save(self, out_dir: str | Path, *, metadata: dict[str, Any] | None = None) -> str:
-        return save_eval_bundle(
-            out_dir,
-            kind=self.KIND,
-            config=self.config,
-            state_dict=self.state_dict(),
-            metadata=metadata,
-        )
-
-    @classmethod
-    def load(cls, path: str | Path) -> LabelClassifier:
-        config, _, state = load_eval_bundle(path, kind=cls.KIND)
-        model = cls(**config)
-        model.load_state_dict(state)
-        return model.eval()
 
 
 def train_classifier(

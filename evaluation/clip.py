@@ -17,7 +17,6 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from itertools import pairwise
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,7 +24,7 @@ import torch
 from monai.networks.nets import ResNet
 from torch import nn
 
-from evaluation.bundle import load_eval_bundle, save_eval_bundle
+from evaluation.bundle import EvalBundleModule
 from evaluation.data import Case, stack_grid
 from evaluation.metrics import clip_score
 
@@ -60,7 +59,7 @@ class TextEncoder(nn.Module):
         return self.proj(self.embed(torch.tensor(ids), torch.tensor(offsets)))  # (B, dim)
 
 
-class ClipModel(nn.Module):
+class ClipModel(EvalBundleModule, nn.Module):
     KIND = "clip-pair"
 
     def __init__(
@@ -105,22 +104,6 @@ class ClipModel(nn.Module):
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
         self.eval()
         return self.text(texts)
-
-    def save(self, out_dir: str | Path, *, metadata: dict[str, Any] | None = None) -> str:
-        return save_eval_bundle(
-            out_dir,
-            kind=self.KIND,
-            config=self.config,
-            state_dict=self.state_dict(),
-            metadata=metadata,
-        )
-
-    @classmethod
-    def load(cls, path: str | Path) -> ClipModel:
-        config, _, state = load_eval_bundle(path, kind=cls.KIND)
-        model = cls(**config)
-        model.load_state_dict(state)
-        return model.eval()
 
 
 def contrastive_loss(

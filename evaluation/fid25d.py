@@ -25,7 +25,7 @@ import torch
 from monai.networks.nets import ResNet, resnet50
 from torch import nn
 
-from evaluation.bundle import load_eval_bundle, save_eval_bundle
+from evaluation.bundle import EvalBundleModule
 from evaluation.metrics import fid
 
 # In RAS+ [x, y, z] (docs/conventions.md) the plane is named by the axis a
@@ -157,7 +157,7 @@ def small_resnet_2d(num_outputs: int, *, width: int = 8) -> ResNet:
     )
 
 
-class PhantomSliceNet(nn.Module):
+class PhantomSliceNet(EvalBundleModule, nn.Module):
     """The default feature network: a small 2D ResNet trained on phantom slices
     to tell each slice's plane and its volume's findings (`train_slice_net`);
     features are the pooled last stage, (K, 8 * width)."""
@@ -183,22 +183,6 @@ class PhantomSliceNet(nn.Module):
 
     def logits(self, slices: torch.Tensor) -> torch.Tensor:
         return self.net.fc(self.features(slices))
-
-    def save(self, out_dir: str | Path, *, metadata: dict | None = None) -> str:
-        return save_eval_bundle(
-            out_dir,
-            kind=self.KIND,
-            config=self.config,
-            state_dict=self.state_dict(),
-            metadata=metadata,
-        )
-
-    @classmethod
-    def load(cls, path: str | Path) -> PhantomSliceNet:
-        config, _, state = load_eval_bundle(path, kind=cls.KIND)
-        net = cls(**config)
-        net.load_state_dict(state)
-        return net.eval()
 
 
 def train_slice_net(
