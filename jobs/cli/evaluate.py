@@ -131,7 +131,7 @@ def ablate(
     )
     from evaluation.data import reference_cases
     from evaluation.report import EvalSettings, evaluation_models
-    from report2ct.bundle import load_bundle
+    from report2ct.bundle import BundleError, read_config
 
     named = []
     for item in bundle:
@@ -141,10 +141,10 @@ def ablate(
         spacing_mm=spacing_mm, shape=shape, classifier_epochs=epochs, clip_epochs=epochs
     )
     try:
+        first = read_config(named[0][1])  # a bad bundle fails before any work
         train = reference_cases(reference, split="train")
         held_out = reference_cases(reference, split="valid")
-        first = load_bundle(named[0][1]).config
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, BundleError) as error:
         Console(stderr=True).print(f"[red]ablate: {error}[/red]")
         raise typer.Exit(2) from None
     out.mkdir(parents=True, exist_ok=True)
