@@ -47,3 +47,9 @@ def test_ablate_writes_one_row_per_variant(tmp_path, tiny_bundle):
     assert len({round(r["fid_2p5d_mean"], 9) for r in rows[:3]}) == 3
     table = (out / "ablation.md").read_text()
     assert table.count("\n") == 2 + len(rows) and "| other | 5 |" in table
+
+
+def test_ablate_refuses_a_missing_bundle_before_any_work(tmp_path):
+    args = ["--bundle", f"x={tmp_path / 'nope'}", "--reference", str(tmp_path)]
+    result = CliRunner().invoke(app, ["ablate", *args, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and not (tmp_path / "out").exists()
