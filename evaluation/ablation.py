@@ -54,7 +54,8 @@ def encoder_variants(
 
 
 def generate_cases(
-    variant: Variant,
+    model: Any,
+    guidance_scale: float,
     records: Sequence[Mapping[str, Any]],
     *,
     num_steps: int | None = None,
@@ -62,11 +63,9 @@ def generate_cases(
     batch_size: int = 4,
 ) -> list[Case]:
     """Generate one volume per manifest record (the `ctfactory generate` input
-    format, validated by the factory's own model) with the variant's bundle."""
-    from report2ct.bundle import load_bundle
+    format, validated by the factory's own model) with a loaded `Report2CT`."""
     from report2ct.pipeline import generate
 
-    model = load_bundle(variant.bundle)
     parsed = [ManifestRecord.model_validate(dict(r)) for r in records]
     cases = []
     for start in range(0, len(parsed), batch_size):
@@ -80,7 +79,7 @@ def generate_cases(
             # Same seed per record in every variant: differences are the variant's.
             seeds=[r.seed if r.seed is not None else start + i for i, r in enumerate(chunk)],
             shape=shape,
-            guidance_scale=variant.guidance_scale,
+            guidance_scale=guidance_scale,
             num_steps=num_steps,
             precision="fp32",
         )
@@ -112,9 +111,19 @@ def run_ablation(
     shape: tuple[int, int, int] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per variant: fidelity (macro AUROC and ratio), 2.5D FID, CLIP."""
-    rows = []
+    from report2ct.bundle import load_bundle
+
+    rows, models = [], {}
     for variant in variants:
-        cases = generate_cases(variant, records, num_steps=num_steps, shape=shape)
+        if variant.bundle not in models:  # guidance variants share one loaded bundle
+            models[variant.bundle] = load_bundle(variant.bundle)
+        cases = generate_cases(
+            models[variant.bundle],
+            variant.guidance_scale,
+            records,
+            num_steps=num_steps,
+            shape=shape,
+        )
         metrics = score(
             cases,
             held_out,
