@@ -26,7 +26,6 @@ FORMAT = "report2ct-bundle/1"
 SUMS = "SHA256SUMS"
 # Data formats only: no pickles (.bin/.pt/.pth/.pkl/.ckpt), no code (.py).
 ALLOWED_SUFFIXES = {".json", ".safetensors", ".txt", ".md", ".png", ".csv", ".model"}
-WEIGHT_FILES = {"vae": "vae.safetensors", "denoiser": "denoiser.safetensors"}
 
 
 class BundleError(RuntimeError):
@@ -169,7 +168,7 @@ def load_bundle(
             module.load_state_dict(load_weights(root, name))
         except RuntimeError as error:
             raise BundleError(
-                f"{root / WEIGHT_FILES[name]}: weights do not fit the config: {error}"
+                f"{root / name}.safetensors: weights do not fit the config: {error}"
             ) from None
     return model.eval()
 
@@ -359,13 +358,14 @@ def build_random_bundle(
 
     from report2ct.codec import LatentCodec
     from report2ct.denoiser import Denoiser, perturb_zero_init
+    from report2ct.pipeline import weight_modules
 
     config = config or preset(preset_name)
     torch.manual_seed(seed)
     codec = LatentCodec(config.vae, latent_scale=config.latent_scale)
     denoiser = Denoiser.for_model(config)
     perturb_zero_init(denoiser, seed=seed)
-    weights = {"vae": codec.vae.state_dict(), "denoiser": denoiser.unet.state_dict()}
+    weights = {name: m.state_dict() for name, m in weight_modules(codec, denoiser).items()}
     with tempfile.TemporaryDirectory() as scratch:
         extra = {}
         for spec in config.encoders:

@@ -77,6 +77,29 @@ class UNetConfig:
 
 
 @dataclass(frozen=True)
+class ControlConfig:
+    """The mask condition: MONAI's `ControlNetMaisi`, a trainable copy of the
+    UNet's encoder whose outputs are added to the UNet's skip connections.
+
+    The model reads a label map in its own legend: `legend` lists the
+    (value, class name) pairs it was trained on (background, value 0, is
+    implied). The map enters as per-class occupancy at latent resolution
+    (the fraction of each latent voxel's footprint in each class, so edges
+    keep their partial volume), through a conditioning embedding with
+    `embedding_channels`. Masks in another legend are mapped onto this one by
+    a declared value -> class-name mapping (`report2ct.control`).
+    """
+
+    legend: tuple[tuple[int, str], ...]
+    embedding_channels: tuple[int, ...] = (32,)
+    conditioning_scale: float = 1.0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.legend)
+
+
+@dataclass(frozen=True)
 class SamplerConfig:
     """Sampling defaults; a job or a record may override steps and guidance."""
 
@@ -102,6 +125,10 @@ class ModelConfig:
     num_train_timesteps: int = 1000
     cond_dropout: float = 0.15
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    # The 18 CT-RATE labels as one more context token (dropped independently
+    # of the text in training), so a record can ask by labels, text or both.
+    label_condition: bool = False
+    control: ControlConfig | None = None  # the mask condition (a ControlNet), when trained
 
     @property
     def context_dim(self) -> int:
@@ -159,12 +186,20 @@ class ModelConfig:
                 "unet": _build(UNetConfig, data["unet"]),
                 "encoders": tuple(_build(EncoderSpec, e) for e in data["encoders"]),
                 "sampler": _build(SamplerConfig, data.get("sampler", {})),
+                "control": _control(data.get("control")),
                 "default_shape": tuple(data["default_shape"]),
                 "default_spacing_mm": tuple(data["default_spacing_mm"]),
                 "spacing_range_mm": tuple(tuple(r) for r in data["spacing_range_mm"]),
                 "max_shape": tuple(data["max_shape"]),
             }
         )
+
+
+def _control(data: dict[str, Any] | None) -> ControlConfig | None:
+    if data is None:
+        return None
+    control = _build(ControlConfig, data)
+    return dataclasses.replace(control, legend=tuple((int(v), str(n)) for v, n in control.legend))
 
 
 def _build(cls, data: dict[str, Any]):
@@ -212,6 +247,7 @@ _PRESETS: dict[str, ModelConfig] = {
         default_spacing_mm=(4.0, 4.0, 5.0),
         spacing_range_mm=((2.0, 8.0), (2.0, 8.0), (2.5, 10.0)),
         max_shape=(192, 192, 128),
+        label_condition=True,
     ),
     "tiny": ModelConfig(
         name="tiny",
@@ -229,6 +265,7 @@ _PRESETS: dict[str, ModelConfig] = {
         spacing_range_mm=((2.0, 16.0), (2.0, 16.0), (2.5, 20.0)),
         max_shape=(64, 64, 64),
         sampler=SamplerConfig(num_steps=4, guidance_scale=3.0),
+        label_condition=True,
     ),
 }
 

@@ -7,6 +7,9 @@ guidance) -> latents, so one loaded model can serve concurrent requests
 guidance evaluates the conditional and unconditional halves in one batched
 forward:
     v = v_uncond + s * (v_cond - v_uncond)          (Ho & Salimans 2022, eq. 6)
+The unconditional half drops the report and the labels; a mask, when given,
+conditions both halves (as in MAISI): guidance sharpens what the report
+says, the mask fixes where things are.
 """
 
 from __future__ import annotations
@@ -25,6 +28,19 @@ class Condition:
     context: torch.Tensor  # (B, 2, D) report tokens
     null_context: torch.Tensor  # (B, 2, D) the empty condition
     spacing_mm: torch.Tensor  # (B, 3)
+    labels: torch.Tensor | None = None  # (B, 18) +1 / -1 / 0; the empty condition is 0
+    control: torch.Tensor | None = None  # (B, K, x, y, z) mask-class occupancy
+
+    def optional(self, *, guided: bool) -> dict[str, torch.Tensor]:
+        """The denoiser's optional inputs, for one half (B) or both (2B)."""
+        extra = {}
+        if self.labels is not None:
+            extra["labels"] = (
+                torch.cat([self.labels, torch.zeros_like(self.labels)]) if guided else self.labels
+            )
+        if self.control is not None:
+            extra["control"] = torch.cat([self.control, self.control]) if guided else self.control
+        return extra
 
 
 def linear_times(num_steps: int) -> torch.Tensor:
@@ -59,13 +75,14 @@ def guided_velocity(
     batch = x.shape[0]
     if guidance_scale == 1.0:  # plain conditional: no unconditional half needed
         t_vec = torch.full((batch,), t, device=x.device, dtype=x.dtype)
-        return denoiser(x, t_vec, cond.context, cond.spacing_mm)
+        return denoiser(x, t_vec, cond.context, cond.spacing_mm, **cond.optional(guided=False))
     t_vec = torch.full((2 * batch,), t, device=x.device, dtype=x.dtype)
     v = denoiser(
         torch.cat([x, x]),
         t_vec,
         torch.cat([cond.context, cond.null_context]),
         torch.cat([cond.spacing_mm, cond.spacing_mm]),
+        **cond.optional(guided=True),
     ).float()
     v_cond, v_uncond = v[:batch], v[batch:]
     return v_uncond + guidance_scale * (v_cond - v_uncond)

@@ -4,7 +4,10 @@
     x_t = (1 - t) x_0 + t eps,   target v = x_0 - eps,   loss = |v_theta - v|^2
 
 with the report condition replaced by the empty one with probability
-`cond_dropout` per sample, so classifier-free guidance works at sampling.
+`cond_dropout` per sample, so classifier-free guidance works at sampling;
+the label condition is dropped the same way, independently of the text, so
+the model learns labels alone, text alone and both. A mask (ControlNet
+input) is never dropped.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ class RectifiedFlowLoss:
         context: torch.Tensor,  # (B, 2, D)
         spacing_mm: torch.Tensor,  # (B, 3)
         *,
+        labels: torch.Tensor | None = None,  # (B, 18) +1 / -1 / 0
+        control: torch.Tensor | None = None,  # (B, K, x, y, z)
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         batch, device = x0.shape[0], x0.device
@@ -44,5 +49,9 @@ class RectifiedFlowLoss:
         x_t = (1 - t_b) * x0 + t_b * noise
         keep = torch.rand(batch, generator=generator, device=device) >= self.cond_dropout
         context = context * keep.view(-1, 1, 1).to(context.dtype)  # dropped -> zeros = null context
-        v = denoiser(x_t, t.to(x0.dtype), context, spacing_mm)
+        optional = {} if control is None else {"control": control}
+        if labels is not None:
+            keep_labels = torch.rand(batch, generator=generator, device=device) >= self.cond_dropout
+            optional["labels"] = labels * keep_labels.view(-1, 1).to(labels.dtype)
+        v = denoiser(x_t, t.to(x0.dtype), context, spacing_mm, **optional)
         return torch.mean((v.float() - (x0 - noise).float()) ** 2)

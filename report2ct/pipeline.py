@@ -7,6 +7,9 @@
 
 `generate` = text encoding (cached) -> per-sample noise -> guided sampling of
 latents under autocast -> decode (tiled when large) -> int16 HU.
+A record may give its report, its CT-RATE labels, or both (when the model has
+the label condition), and a label map on the output grid (when the model has
+a ControlNet): `labels=[{"Pleural effusion": 1}]`, `masks=[label_map]`.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,8 +28,10 @@ from torch import nn
 
 from report2ct.codec import LatentCodec
 from report2ct.config import ModelConfig, Shape, Spacing
+from report2ct.control import MaskError, class_occupancy, to_class_index
 from report2ct.denoiser import Denoiser
 from report2ct.flow import SAMPLERS, Condition, linear_times, shifted_times
+from report2ct.labels import signed_labels
 from report2ct.rng import per_sample_randn
 from report2ct.text import TextConditioner
 
@@ -78,8 +83,9 @@ class Report2CT(nn.Module):
         return next(self.parameters()).device
 
     def weight_modules(self) -> dict[str, nn.Module]:
-        """The modules a bundle stores, by weight-file name."""
-        return {"vae": self.codec.vae, "denoiser": self.denoiser.unet}
+        """The modules a bundle stores, by weight-file name (the UNet alone in
+        `denoiser`, keyed as MAISI's checkpoints are)."""
+        return weight_modules(self.codec, self.denoiser)
 
     def provenance(self) -> dict[str, Any]:
         """Facts about the model that go into every output's provenance."""
@@ -97,6 +103,15 @@ class Report2CT(nn.Module):
             ],
             "code_version": code_version(),
         }
+
+
+def weight_modules(codec: LatentCodec, denoiser: Denoiser) -> dict[str, nn.Module]:
+    modules = {"vae": codec.vae, "denoiser": denoiser.unet}
+    if denoiser.label_embedding is not None:
+        modules["label_embedding"] = denoiser.label_embedding
+    if denoiser.controlnet is not None:
+        modules["controlnet"] = denoiser.controlnet
+    return modules
 
 
 @dataclass
@@ -133,20 +148,25 @@ def schedule(config: ModelConfig, num_steps: int, latent_shape: Sequence[int]) -
 def generate(
     model: Report2CT,
     *,
-    findings: Sequence[str],
-    impressions: Sequence[str],
+    findings: Sequence[str | None],
+    impressions: Sequence[str | None],
     spacings_mm: Sequence[Spacing],
     seeds: Sequence[int],
     shape: Shape | None = None,
     guidance_scale: float | None = None,
     num_steps: int | None = None,
     precision: str = "bf16",
-    labels: Sequence[Sequence[int]] | None = None,  # reserved for the label condition
+    labels: Sequence[Mapping[str, int] | None] | None = None,
+    masks: Sequence[np.ndarray] | None = None,
+    mask_mappings: Sequence[Mapping[int, str] | None] | None = None,
     method: str | None = None,
     decode_tile_latent: int = 32,
 ) -> GenerationResult:
     """Sample one HU volume per report. Each volume depends only on the
-    model, its own report, spacing and seed (not on the batch)."""
+    model, its own report (None: no such section), labels ({name: 0/1},
+    names not given left to the model), mask, spacing and seed (not on the
+    batch). `masks` are (X, Y, Z) integer label maps on the output grid, in
+    the model's legend or in one `mask_mappings` declares."""
     config = model.config
     batch = len(findings)
     if not (len(impressions) == len(spacings_mm) == len(seeds) == batch) or batch == 0:
@@ -154,6 +174,17 @@ def generate(
     shape = tuple(shape or config.default_shape)
     for spacing in spacings_mm:
         config.check_output(shape, tuple(spacing))
+    label_rows = [signed_labels(row) for row in (labels or [None] * batch)]
+    if len(label_rows) != batch:
+        raise ValueError("labels need one entry per volume")
+    if any(any(row) for row in label_rows) and not config.label_condition:
+        raise ValueError(f"model {config.name!r} has no label condition: ask by text")
+    for i, (finding, impression, row) in enumerate(
+        zip(findings, impressions, label_rows, strict=True)
+    ):
+        if finding is None and impression is None and not any(row):
+            raise ValueError(f"volume {i}: neither a report nor labels to generate from")
+    control = _control(config, masks, mask_mappings, shape, batch)
     guidance_scale = config.sampler.guidance_scale if guidance_scale is None else guidance_scale
     num_steps = num_steps or config.sampler.num_steps
     method = method or config.sampler.method
@@ -168,6 +199,8 @@ def generate(
         context=context,
         null_context=model.conditioner.null_context(batch).to(device),
         spacing_mm=torch.tensor(spacings_mm, dtype=torch.float32, device=device),  # (B, 3)
+        labels=torch.tensor(label_rows, device=device) if config.label_condition else None,
+        control=None if control is None else control.to(device),
     )
     timings["text"] = time.perf_counter() - start
 
@@ -211,3 +244,21 @@ def generate(
             "host": socket.gethostname(),
         },
     )
+
+
+def _control(config, masks, mappings, shape, batch) -> torch.Tensor | None:
+    """(B, K, x, y, z) mask-class occupancy, or None without masks."""
+    if masks is None:
+        return None
+    if config.control is None:
+        raise ValueError(f"model {config.name!r} has no mask condition (no ControlNet)")
+    if len(masks) != batch:
+        raise ValueError("masks need one label map per volume")
+    mappings = mappings or [None] * batch
+    out = []
+    for i, (mask, mapping) in enumerate(zip(masks, mappings, strict=True)):
+        if tuple(mask.shape) != tuple(shape):
+            raise MaskError(f"volume {i}: mask shape {tuple(mask.shape)} is not the output {shape}")
+        index = to_class_index(np.asarray(mask), config.control, mapping)
+        out.append(class_occupancy(index, config.control.num_classes, config.vae.downsample))
+    return torch.stack(out)

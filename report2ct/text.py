@@ -106,12 +106,22 @@ class TextConditioner:
         return torch.zeros(batch_size, 2, self.dim, device=self.device)
 
     @torch.inference_mode()
-    def encode(self, findings: Sequence[str], impressions: Sequence[str]) -> torch.Tensor:
-        """(B, 2, D) float32 context for B reports."""
+    def encode(
+        self, findings: Sequence[str | None], impressions: Sequence[str | None]
+    ) -> torch.Tensor:
+        """(B, 2, D) float32 context for B reports. A missing section (None)
+        is the empty condition's token, zeros: a label-only record has no
+        text at all."""
         if len(findings) != len(impressions):
             raise ValueError("findings and impressions must have the same length")
-        sections = [self.encode_texts(list(findings)), self.encode_texts(list(impressions))]
-        return torch.stack(sections, dim=1)
+        return torch.stack([self._encode_section(findings), self._encode_section(impressions)], 1)
+
+    def _encode_section(self, texts: Sequence[str | None]) -> torch.Tensor:
+        out = torch.zeros(len(texts), self.dim, device=self.device)
+        given = [i for i, text in enumerate(texts) if text is not None]
+        if given:
+            out[given] = self.encode_texts([texts[i] for i in given])
+        return out
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         """(B, D): every encoder's pooled embedding, concatenated."""
