@@ -1,7 +1,9 @@
 """Build the committed demo bundle end to end on one CPU:
 
     phantoms -> report BERT -> VAE (DeepSpeed) -> latent + text caches
-    -> latent diffusion (DeepSpeed) -> export EMA weights to a bundle
+    -> latent diffusion with the label token (DeepSpeed)
+    -> ControlNet on the phantoms' label maps (DeepSpeed, UNet frozen)
+    -> export EMA weights to a bundle
 
 `ctfactory train demo-bundle` (and `make demo-bundle`) runs it; every stage
 writes under --work and is skipped when its output exists, so a killed build
@@ -21,12 +23,15 @@ import torch
 
 from phantom.ctrate_layout import DatasetSpec, write_dataset
 from report2ct.bundle import save_bundle
-from report2ct.config import ModelConfig, preset
+from report2ct.config import ControlConfig, ModelConfig, preset
+from report2ct.control import class_occupancy, to_class_index
+from report2ct.labels import CTRATE_LABELS, signed_labels
+from report2ct.pipeline import weight_modules
 from training.caches import latent_text_cache
-from training.data.ctrate import CTRateDataset
+from training.data.ctrate import CTRateDataset, mask_legend
 from training.encoder import train_report_bert
 from training.engine import TrainConfig
-from training.stages import LatentSet, train_ldm, train_vae
+from training.stages import LatentSet, train_controlnet, train_ldm, train_vae
 
 log = logging.getLogger(__name__)
 
@@ -56,29 +61,69 @@ class DemoRecipe:
             checkpoint_every=400,
         )
     )
+    # The ControlNet (None: a bundle without the mask condition).
+    control: TrainConfig | None = field(
+        default_factory=lambda: TrainConfig(
+            steps=800,
+            micro_batch=8,
+            lr=3e-4,
+            warmup_steps=40,
+            ema_decay=0.99,
+            checkpoint_every=200,
+        )
+    )
 
 
-def load_volumes(root: Path, config: ModelConfig) -> tuple[torch.Tensor, list[dict]]:
+def load_volumes(
+    root: Path, config: ModelConfig, *, masks: bool = False
+) -> tuple[torch.Tensor, list[dict]]:
+    """The training split on the model's grid: (N, 1, X, Y, Z) int16 HU and
+    per volume its report, spacing and signed labels (and its label map,
+    `mask`, (X, Y, Z) uint8, with `masks=True`)."""
     dataset = CTRateDataset(
         root,
         "train",
         target_spacing_mm=config.default_spacing_mm,
         target_shape=config.default_shape,
-        load_masks=False,
+        load_masks=masks,
     )
     volumes = torch.empty(len(dataset), 1, *config.default_shape, dtype=torch.int16)
     meta = []
     for i in range(len(dataset)):
         item = dataset[i]
         volumes[i] = item["volume"].round().to(torch.int16)
+        labels = {n: int(v) for n, v in zip(CTRATE_LABELS, item["labels"].tolist(), strict=True)}
         meta.append(
             {
                 "findings": item["findings"],
                 "impression": item["impression"],
                 "spacing_mm": item["spacing_mm"].tolist(),
+                "labels": signed_labels(labels),
             }
         )
+        if masks:
+            meta[-1]["mask"] = item["mask"][0].to(torch.uint8).numpy()
     return volumes, meta
+
+
+def latent_set(cached: dict[str, torch.Tensor], meta: list[dict], config: ModelConfig) -> LatentSet:
+    """The diffusion stages' data: the cached latents and contexts, the
+    labels when the config has the label condition, and each volume's mask
+    occupancy (float16: 24 classes at latent size) when it has a ControlNet."""
+    labels = torch.tensor([m["labels"] for m in meta]) if config.label_condition else None
+    control = None
+    if config.control is not None:
+        control = torch.stack(
+            [
+                class_occupancy(
+                    to_class_index(m["mask"], config.control),
+                    config.control.num_classes,
+                    config.vae.downsample,
+                ).half()
+                for m in meta
+            ]
+        )
+    return LatentSet(cached["latents"], cached["contexts"], cached["spacings"], labels, control)
 
 
 def build_demo_bundle(out: str | Path, work: str | Path, recipe: DemoRecipe = DemoRecipe()) -> str:
@@ -119,7 +164,7 @@ def build_demo_bundle(out: str | Path, work: str | Path, recipe: DemoRecipe = De
             ),
             workers=2,
         )
-    volumes, meta = load_volumes(data, config)
+    volumes, meta = load_volumes(data, config, masks=recipe.control is not None)
     lap("phantoms_s")
 
     bert_spec = next(e for e in config.encoders if e.source.startswith("bundle:"))
@@ -141,12 +186,20 @@ def build_demo_bundle(out: str | Path, work: str | Path, recipe: DemoRecipe = De
     lap("cache_s")
 
     denoiser, ldm_result = train_ldm(
-        config,
-        LatentSet(cached["latents"], cached["contexts"], cached["spacings"]),
-        recipe.ldm,
-        work / "ldm",
+        config, latent_set(cached, meta, config), recipe.ldm, work / "ldm"
     )
     lap("ldm_s")
+    final_loss = {"vae": vae_result.losses[-1], "ldm": ldm_result.losses[-1]}
+    runs = {"vae": work / "vae", "ldm": work / "ldm"}
+
+    if recipe.control is not None:
+        config = dataclasses.replace(config, control=ControlConfig(legend=mask_legend(data)))
+        denoiser, control_result = train_controlnet(
+            config, denoiser, latent_set(cached, meta, config), recipe.control, work / "controlnet"
+        )
+        lap("controlnet_s")
+        final_loss["controlnet"] = control_result.losses[-1]
+        runs["controlnet"] = work / "controlnet"
 
     recipe_json = work / "recipe.json"
     recipe_json.write_text(json.dumps(dataclasses.asdict(recipe), indent=2, default=list))
@@ -156,12 +209,12 @@ def build_demo_bundle(out: str | Path, work: str | Path, recipe: DemoRecipe = De
         codec,
         denoiser,
         encoders_dir=work,
-        runs={"vae": work / "vae", "ldm": work / "ldm"},
+        runs=runs,
         extra_files={"training/recipe.json": recipe_json},
         metadata={
             "training_data": f"{len(volumes)} chest phantoms (ct-factory phantom world, seed {recipe.seed}); "
             "no patient data",
-            "final_loss": {"vae": vae_result.losses[-1], "ldm": ldm_result.losses[-1]},
+            "final_loss": final_loss,
             "timings_s": timings,
         },
     )
@@ -190,7 +243,7 @@ def export_bundle(
     return save_bundle(
         out,
         config=config,
-        weights={"vae": codec.vae.state_dict(), "denoiser": denoiser.unet.state_dict()},
+        weights={name: m.state_dict() for name, m in weight_modules(codec, denoiser).items()},
         extra_dirs={name: Path(encoders_dir) / name for name in local},
         extra_files={**{k: v for k, v in curves.items() if v.exists()}, **(extra_files or {})},
         metadata={"trained": True, "latent_scale": config.latent_scale, **(metadata or {})},
@@ -206,4 +259,7 @@ def tiny_recipe() -> DemoRecipe:
         vae=TrainConfig(steps=2, micro_batch=2, warmup_steps=1, checkpoint_every=100, log_every=1),
         vae_crop=(16, 16, 16),
         ldm=TrainConfig(steps=2, micro_batch=2, warmup_steps=1, checkpoint_every=100, log_every=1),
+        control=TrainConfig(
+            steps=2, micro_batch=2, warmup_steps=1, checkpoint_every=100, log_every=1
+        ),
     )

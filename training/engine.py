@@ -101,16 +101,22 @@ def ensure_distributed_env() -> None:
 
 
 class EMA:
-    """Exponential moving average of parameters, kept in fp32."""
+    """Exponential moving average of the trained parameters, kept in fp32
+    (frozen ones, e.g. the UNet under a ControlNet, are not copied)."""
 
     def __init__(self, module: torch.nn.Module, decay: float) -> None:
         self.decay = decay
-        self.shadow = {name: p.detach().float().clone() for name, p in module.named_parameters()}
+        self.shadow = {
+            name: p.detach().float().clone()
+            for name, p in module.named_parameters()
+            if p.requires_grad
+        }
 
     @torch.no_grad()
     def update(self, module: torch.nn.Module) -> None:
         for name, param in module.named_parameters():
-            self.shadow[name].lerp_(param.detach().float(), 1.0 - self.decay)
+            if name in self.shadow:
+                self.shadow[name].lerp_(param.detach().float(), 1.0 - self.decay)
 
     def state_dict(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
         """A full state dict of `module` with EMA parameters (buffers as is)."""
@@ -203,7 +209,9 @@ def train(
     rank = int(os.environ.get("RANK", "0"))
 
     optimizer = torch.optim.AdamW(
-        module.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        [p for p in module.parameters() if p.requires_grad],
+        lr=config.lr,
+        weight_decay=config.weight_decay,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     engine, _, _, _ = deepspeed.initialize(

@@ -7,11 +7,16 @@
   stage on CPU.)
 - LDM: the denoiser on *cached* latents and *cached* report contexts
   (computed once by `training.caches`), rectified-flow loss with condition
-  dropout; the VAE encoder and the text encoders never run per step.
+  dropout; the VAE encoder and the text encoders never run per step. The
+  label token (when the config has it) trains here, with the UNet.
+- ControlNet: MAISI's recipe: the trained UNet (and label token) frozen, a
+  `ControlNetMaisi` copied from its encoder learns to follow the label maps
+  of the same volumes, with the same loss.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -98,20 +103,29 @@ def train_vae(
 
 
 class LatentSet(Dataset):
-    """Cached (latent, context, spacing) triples."""
+    """Cached (latent, context, spacing) triples, with each volume's signed
+    labels (N, 18) and mask-class occupancy (N, K, x, y, z) when the stage
+    trains those conditions."""
 
-    def __init__(self, latents: torch.Tensor, contexts: torch.Tensor, spacings: torch.Tensor):
-        self.latents, self.contexts, self.spacings = latents, contexts, spacings
+    def __init__(
+        self,
+        latents: torch.Tensor,
+        contexts: torch.Tensor,
+        spacings: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        control: torch.Tensor | None = None,
+    ):
+        self.columns = {"latent": latents, "context": contexts, "spacing_mm": spacings}
+        if labels is not None:
+            self.columns["labels"] = labels
+        if control is not None:
+            self.columns["control"] = control
 
     def __len__(self) -> int:
-        return len(self.latents)
+        return len(self.columns["latent"])
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {
-            "latent": self.latents[index],
-            "context": self.contexts[index],
-            "spacing_mm": self.spacings[index],
-        }
+        return {name: column[index] for name, column in self.columns.items()}
 
 
 class LDMLoss:
@@ -120,14 +134,52 @@ class LDMLoss:
 
     def __call__(self, engine, batch, generator) -> torch.Tensor:
         return self.loss(
-            engine, batch["latent"], batch["context"], batch["spacing_mm"], generator=generator
+            engine,
+            batch["latent"],
+            batch["context"],
+            batch["spacing_mm"],
+            labels=batch.get("labels"),
+            control=batch.get("control"),
+            generator=generator,
         )
 
 
 def train_ldm(
     config: ModelConfig, data: LatentSet, train_config: TrainConfig, out_dir: Path, **kwargs
 ) -> tuple[Denoiser, TrainResult]:
-    denoiser = Denoiser.for_model(config)
+    """The denoiser (UNet, and the label token when the config has one)."""
+    denoiser = Denoiser.for_model(dataclasses.replace(config, control=None))
     result = train(denoiser, LDMLoss(config.cond_dropout), data, train_config, out_dir, **kwargs)
     denoiser.float().load_state_dict(result.ema)
+    return denoiser, result
+
+
+def train_controlnet(
+    config: ModelConfig,
+    trained: Denoiser,
+    data: LatentSet,
+    train_config: TrainConfig,
+    out_dir: Path,
+    *,
+    loss_fn=None,
+    **kwargs,
+) -> tuple[Denoiser, TrainResult]:
+    """The ControlNet branch of `config.control` on top of a trained
+    denoiser, which stays frozen (its fp32 weights are kept: DeepSpeed's bf16
+    copy of them is never exported). `loss_fn` defaults to the LDM's loss."""
+    if config.control is None:
+        raise ValueError("config has no control (ControlConfig): nothing to train")
+    if "control" not in data.columns:
+        raise ValueError("the data set has no masks (control occupancy) to train on")
+    frozen = {k: v.detach().float().clone() for k, v in trained.state_dict().items()}
+    denoiser = Denoiser.for_model(config)
+    denoiser.load_state_dict(frozen, strict=False)
+    denoiser.init_controlnet_from_unet()
+    denoiser.unet.requires_grad_(False)
+    if denoiser.label_embedding is not None:
+        denoiser.label_embedding.requires_grad_(False)
+    loss_fn = loss_fn or LDMLoss(config.cond_dropout)
+    result = train(denoiser, loss_fn, data, train_config, out_dir, **kwargs)
+    denoiser = Denoiser.for_model(config)
+    denoiser.load_state_dict({**result.ema, **frozen})
     return denoiser, result

@@ -50,13 +50,15 @@ def test_one_encoder_recipe_keeps_only_that_encoder(tmp_path):
         )
 
 
-def test_stage_commands_train_vae_then_ldm_then_export(tmp_path):
+def test_stage_commands_train_vae_ldm_controlnet_then_export(tmp_path):
     """`ctfactory train vae`, `train ldm`, `train export` chained on a tiny
     preset: the exported bundle verifies and samples."""
     from typer.testing import CliRunner
 
     from jobs.cli import app
     from phantom.ctrate_layout import DatasetSpec, write_dataset
+    from phantom.legend import LABELS
+    from phantom.world import make_mask
     from report2ct.bundle import load_bundle, write_random_bert
     from report2ct.config import preset
     from report2ct.pipeline import generate
@@ -84,6 +86,14 @@ def test_stage_commands_train_vae_then_ldm_then_export(tmp_path):
     result = runner.invoke(
         app,
         [
+            *("train", "controlnet", "--data", str(tmp_path / "data")),
+            *("--ldm-run", str(tmp_path / "ldm"), "--out", str(tmp_path / "control"), *common),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(
+        app,
+        [
             *(
                 "train",
                 "export",
@@ -93,20 +103,28 @@ def test_stage_commands_train_vae_then_ldm_then_export(tmp_path):
                 str(tmp_path / "ldm"),
             ),
             *("--out", str(tmp_path / "bundle"), "--encoders-dir", str(tmp_path / "enc")),
+            *("--controlnet-run", str(tmp_path / "control"), "--data", str(tmp_path / "data")),
             *("--preset", "tiny"),
         ],
     )
     assert result.exit_code == 0, result.output
     document = json.loads((tmp_path / "bundle/config.json").read_text())
-    assert document["metadata"]["steps"] == {"vae": 2, "ldm": 2}
+    assert document["metadata"]["steps"] == {"vae": 2, "ldm": 2, "controlnet": 2}
     assert (tmp_path / "bundle/training/loss_ldm.png").exists()
+    assert (tmp_path / "bundle/controlnet.safetensors").exists()
     model = load_bundle(tmp_path / "bundle")
+    assert model.config.control.legend == tuple(
+        (label.value, label.name) for label in LABELS if label.value
+    )
+    mask, _ = make_mask(3, shape=tiny.default_shape, spacing_mm=tiny.default_spacing_mm)
     volume = generate(
         model,
         findings=["Cardiomegaly."],
         impressions=["Enlarged heart."],
         spacings_mm=[tiny.default_spacing_mm],
         seeds=[1],
+        labels=[{"Cardiomegaly": 1}],
+        masks=[mask],
         num_steps=2,
     ).volumes_hu
     assert np.isfinite(volume).all()

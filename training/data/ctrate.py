@@ -33,6 +33,7 @@ from torch.utils.data import Dataset
 # The layout's file names are defined once, beside the writer of phantom sets.
 from phantom.ctrate_layout import SPLITS, relative_path
 from report2ct.codec import HU_WINDOW
+from report2ct.grid import crop_or_pad, resample
 from report2ct.labels import CTRATE_LABELS
 
 log = logging.getLogger(__name__)
@@ -174,27 +175,16 @@ def load_canonical(path: Path, name: str, spacing_mm, *, order_name: str = "volu
     return np.ascontiguousarray(data), spacing
 
 
-def resample(array: torch.Tensor, spacing_mm, target_mm, *, mode: str) -> torch.Tensor:
-    """(1, X, Y, Z) -> the same field of view at `target_mm` spacing."""
-    if target_mm is None or np.allclose(spacing_mm, target_mm):
-        return array
-    size = [
-        max(1, round(n * s / t))
-        for n, s, t in zip(array.shape[1:], spacing_mm, target_mm, strict=True)
-    ]
-    kwargs = {"align_corners": False} if mode == "trilinear" else {}
-    out = torch.nn.functional.interpolate(array[None].float(), size=size, mode=mode, **kwargs)[0]
-    return out
-
-
-def crop_or_pad(array: torch.Tensor, shape, value: float) -> torch.Tensor:
-    if shape is None:
-        return array
-    from monai.transforms import ResizeWithPadOrCrop
-
-    return ResizeWithPadOrCrop(spatial_size=tuple(shape), mode="constant", value=value)(
-        array
-    ).as_tensor()
+def mask_legend(root: str | Path) -> tuple[tuple[int, str], ...]:
+    """The data set's label-map legend, (value, name) without background,
+    from masks/legend.json (the phantom world writes one; give a real data
+    set's segmentation legend in the same form)."""
+    path = Path(root) / "masks" / "legend.json"
+    try:
+        labels = json.loads(path.read_text())["labels"]
+        return tuple((int(e["value"]), str(e["name"])) for e in labels if int(e["value"]) != 0)
+    except (OSError, KeyError, TypeError, ValueError) as error:
+        raise CTRateError(f"{path}: no usable mask legend: {error}") from None
 
 
 class CTRateDataset(Dataset):
