@@ -70,8 +70,8 @@ def stack_grid(
     return torch.stack([to_grid(c, spacing_mm=spacing_mm, shape=shape) for c in cases])
 
 
-def report_text(findings: str, impression: str) -> str:
-    return f"Findings: {findings.strip()} Impression: {impression.strip()}"
+def report_text(findings: str | None, impression: str | None) -> str:
+    return f"Findings: {(findings or '').strip()} Impression: {(impression or '').strip()}"
 
 
 def generated_cases(index_uri: str) -> list[Case]:

@@ -295,6 +295,7 @@ def _index_entry(row: dict[str, Any]) -> dict[str, Any]:
         "impression",
         "nifti_uri",
         "preview_uri",
+        "mask",
     )
     return {k: row[k] for k in keep if k in row}
 

@@ -3,6 +3,17 @@
     {"id": "pt-0001", "findings": "...", "impression": "...",
      "spacing_mm": [1.0, 1.0, 1.5], "labels": {"Pleural effusion": 1},
      "seed": 7, "guidance_scale": 5.0, "num_samples": 1}
+    {"id": "by-labels", "labels": {"Cardiomegaly": 1, "Emphysema": 0}}
+    {"id": "masked", "labels": {"Pleural effusion": 1}, "mask_source": "phantom"}
+    {"id": "own-mask", "findings": "...", "mask": "s3://bucket/masks/p1.nii.gz",
+     "mask_legend": "s3://bucket/masks/legend-map.json"}
+
+A record asks by text (findings and/or impression), by labels, or both; a
+record with neither is rejected. A label map comes from a URI (`mask`: NIfTI
+or OME-Zarr, in the model's legend or one `mask_legend` maps onto it) or is
+drawn by the phantom world (`mask_source: "phantom"`, with the record's
+labels as the requested findings); the worker reads, checks and resamples it
+to the output grid (factory.masks).
 
 Read as a stream (`read_manifest`): every line comes back as a valid record or
 a rejection with its line number, id (when readable) and reason, so a bad row
@@ -19,10 +30,18 @@ import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from report2ct.config import ModelConfig
 from report2ct.labels import CTRATE_LABELS
@@ -34,6 +53,8 @@ ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
+MASK_SUFFIXES = (".nii", ".nii.gz", ".zarr", ".ome.zarr")
+MASK_SOURCES = ("phantom",)
 
 
 class ManifestRecord(BaseModel):
@@ -44,14 +65,48 @@ class ManifestRecord(BaseModel):
     id: str = Field(
         pattern=ID_PATTERN, description="letters, digits, '-', '_', '.'; no path separators"
     )
-    findings: Text
-    impression: Text
+    findings: Text | None = None
+    impression: Text | None = None
     spacing_mm: tuple[float, float, float] | None = None
     shape: tuple[int, int, int] | None = None
     labels: dict[str, StrictInt] = Field(default_factory=dict)
     seed: int | None = Field(None, ge=0, lt=2**63)
     guidance_scale: float | None = Field(None, ge=0.0, le=50.0)
     num_samples: int = Field(1, ge=1, le=64)
+    mask: str | None = Field(None, max_length=2048, description="label map URI (NIfTI, OME-Zarr)")
+    mask_legend: str | None = Field(
+        None, max_length=2048, description="JSON URI: the mask's values -> model class names"
+    )
+    mask_source: Literal["phantom"] | None = None
+
+    @model_validator(mode="after")
+    def _something_to_generate_from(self) -> ManifestRecord:
+        if self.findings is None and self.impression is None and not self.labels:
+            raise ValueError("record has neither text (findings, impression) nor labels")
+        if self.mask is not None and self.mask_source is not None:
+            raise ValueError("give either mask (a URI) or mask_source, not both")
+        if self.mask_legend is not None and self.mask is None:
+            raise ValueError("mask_legend maps the values of a mask: give mask too")
+        return self
+
+    @field_validator("mask", "mask_legend")
+    @classmethod
+    def _uri(cls, value: str | None, info) -> str | None:
+        if value is None:
+            return value
+        if _CONTROL.search(value) or not value.strip():
+            raise ValueError("must be a URI (s3://, file:// or an absolute path)")
+        if not (value.startswith(("s3://", "file://", "/"))):
+            raise ValueError(f"{value!r} is not s3://, file:// or an absolute path")
+        suffixes = MASK_SUFFIXES if info.field_name == "mask" else (".json",)
+        zarr_group = info.field_name == "mask" and ".zarr/" in value.lower()
+        if not (zarr_group or value.rstrip("/").lower().endswith(suffixes)):
+            raise ValueError(f"{value!r} must end in one of {', '.join(suffixes)}")
+        return value
+
+    @property
+    def has_mask(self) -> bool:
+        return self.mask is not None or self.mask_source is not None
 
     @field_validator("id")
     @classmethod
@@ -62,7 +117,9 @@ class ManifestRecord(BaseModel):
 
     @field_validator("findings", "impression")
     @classmethod
-    def _real_text(cls, value: str) -> str:
+    def _real_text(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
         if not value.strip():
             raise ValueError("must not be empty")
         if _CONTROL.search(value):
@@ -148,9 +205,26 @@ def parse_line(raw: bytes, line: int, *, config: ModelConfig | None) -> Manifest
             config.check_output(
                 record.shape or config.default_shape, record.spacing_mm or config.default_spacing_mm
             )
+            check_conditions(record, config)
         except ValueError as error:
             return Rejection(line, record.id, str(error))
     return record
+
+
+def check_conditions(record: ManifestRecord, config: ModelConfig) -> None:
+    """Raise ValueError when the record asks for a condition the model lacks."""
+    if record.findings is None and record.impression is None and not config.label_condition:
+        raise ValueError(f"model {config.name!r} has no label condition: give findings/impression")
+    if record.has_mask and config.control is None:
+        raise ValueError(f"model {config.name!r} has no mask condition (ControlNet): drop the mask")
+    if record.mask_source == "phantom":
+        from phantom.legend import NOT_RENDERED
+
+        unrenderable = sorted(n for n in NOT_RENDERED if record.labels.get(n))
+        if unrenderable:
+            raise ValueError(
+                f"mask_source 'phantom' cannot draw {unrenderable}; give a mask URI instead"
+            )
 
 
 class IdSet:

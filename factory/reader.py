@@ -2,8 +2,10 @@
 
 Each item is one committed volume: `volume` (1, X, Y, Z) float32 HU in the
 model's RAS+ axes, `labels` (18,) float32 in CT-RATE's order, the report, the
-spacing and the id. Only volumes whose commit marker exists are served:
-uncommitted leftovers of killed attempts are invisible here.
+spacing and the id, and for a volume generated from a label map, `mask`
+(1, X, Y, Z) int64 on the same grid with `mask_classes` ({value: name}).
+Only volumes whose commit marker exists are served: uncommitted leftovers of
+killed attempts are invisible here.
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ from torch.utils.data import Dataset
 
 from factory import commit
 from factory.storage import Storage, is_s3, storage_for
+from factory.writer import MASK_LABEL
 from report2ct.labels import CTRATE_LABELS
 
 
-def open_volume(uri: str) -> tuple[np.ndarray, tuple[float, float, float], dict[str, Any]]:
-    """(volume [x, y, z] int16, spacing_mm (x, y, z), group attributes) of an
-    OME-Zarr image written by the factory, local or on S3."""
+def open_group(uri: str) -> zarr.Group:
+    """An OME-Zarr group, local or on S3 (read-only)."""
     if is_s3(uri):
         from zarr.core.buffer import default_buffer_prototype
 
@@ -31,16 +33,39 @@ def open_volume(uri: str) -> tuple[np.ndarray, tuple[float, float, float], dict[
         # factory's own S3 client (same retries, same settings) into memory.
         storage, buffer = Storage(uri), default_buffer_prototype().buffer
         objects = {key: buffer.from_bytes(storage.read_bytes(key)) for key in storage.list("")}
-        group = zarr.open_group(store=zarr.storage.MemoryStore(objects), mode="r")
-    else:
-        group = zarr.open_group(uri, mode="r")
-    multiscale = group.attrs["ome"]["multiscales"][0]
-    dataset = multiscale["datasets"][0]
+        return zarr.open_group(store=zarr.storage.MemoryStore(objects), mode="r")
+    return zarr.open_group(uri, mode="r")
+
+
+def _image_xyz(group: zarr.Group) -> tuple[np.ndarray, tuple[float, float, float]]:
+    dataset = group.attrs["ome"]["multiscales"][0]["datasets"][0]
     scale_zyx = next(
         t["scale"] for t in dataset["coordinateTransformations"] if t["type"] == "scale"
     )
-    volume_zyx = group[dataset["path"]][...]
-    return volume_zyx.transpose(2, 1, 0), tuple(reversed(scale_zyx)), dict(group.attrs)
+    return group[dataset["path"]][...].transpose(2, 1, 0), tuple(reversed(scale_zyx))
+
+
+def open_volume(uri: str) -> tuple[np.ndarray, tuple[float, float, float], dict[str, Any]]:
+    """(volume [x, y, z] int16, spacing_mm (x, y, z), group attributes) of an
+    OME-Zarr image written by the factory, local or on S3."""
+    group = open_group(uri)
+    volume, spacing = _image_xyz(group)
+    return volume, spacing, dict(group.attrs)
+
+
+def open_volume_and_mask(uri: str):
+    """(volume, spacing, attributes, mask [x, y, z] or None, {value: class
+    name}) of a factory output: the mask is its `labels/mask` label image."""
+    group = open_group(uri)
+    volume, spacing = _image_xyz(group)
+    try:
+        label = group[f"labels/{MASK_LABEL}"]
+    except KeyError:
+        return volume, spacing, dict(group.attrs), None, {}
+    mask, _ = _image_xyz(label)
+    properties = label.attrs["ome"]["image-label"].get("properties", [])
+    classes = {int(p["label-value"]): p["name"] for p in properties}
+    return volume, spacing, dict(group.attrs), mask, classes
 
 
 class GeneratedVolumes(Dataset):
@@ -58,8 +83,8 @@ class GeneratedVolumes(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         entry = self.entries[index]
-        volume, spacing, _attrs = open_volume(entry["uri"])
-        return {
+        volume, spacing, _attrs, mask, classes = open_volume_and_mask(entry["uri"])
+        item = {
             "id": entry["id"],
             "volume": torch.from_numpy(volume.astype(np.float32))[None],  # (1, X, Y, Z) HU
             "labels": torch.tensor(
@@ -70,3 +95,7 @@ class GeneratedVolumes(Dataset):
             "spacing_mm": torch.tensor(spacing, dtype=torch.float32),
             "seed": entry["seed"],
         }
+        if mask is not None:
+            item["mask"] = torch.from_numpy(mask.astype(np.int64))[None]  # (1, X, Y, Z)
+            item["mask_classes"] = classes
+        return item

@@ -8,6 +8,7 @@ is made against storage, so a restarted actor or a retried batch is safe.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -24,6 +25,8 @@ import numpy as np
 from factory import commit
 from factory.manifest import ManifestRecord
 from factory.storage import Storage, is_s3
+from factory.writer import MASK_LABEL
+from report2ct.labels import CTRATE_LABELS
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +51,6 @@ def materialize_bundle(uri: str) -> Path:
     an s3:// bundle (verified again by load_bundle either way)."""
     if not is_s3(uri):
         return Path(uri)
-    import hashlib
-
     cache = Path(os.environ.get("CTFACTORY_CACHE", Path.home() / ".cache" / "ct-factory"))
     target = cache / "bundles" / hashlib.sha256(uri.encode()).hexdigest()[:16]
     if not (target / "SHA256SUMS").exists():
@@ -61,6 +62,22 @@ def materialize_bundle(uri: str) -> Path:
         except OSError:  # another worker on this node finished first
             shutil.rmtree(scratch, ignore_errors=True)
     return target
+
+
+def mask_classes(control) -> dict[int, tuple[str, tuple[int, int, int, int]]]:
+    """value -> (name, rgba) of the model's mask legend: the phantom world's
+    colours for its classes, a fixed colour derived from the name otherwise."""
+    if control is None:
+        return {}
+    from phantom.legend import BY_NAME
+
+    def colour(name: str) -> tuple[int, int, int, int]:
+        if name in BY_NAME:
+            return BY_NAME[name].rgba
+        r, g, b = hashlib.sha256(name.encode()).digest()[:3]
+        return (r, g, b, 255)
+
+    return {value: (name, colour(name)) for value, name in control.legend}
 
 
 def _worker_identity() -> dict[str, Any]:
@@ -98,6 +115,7 @@ class GenerateWorker:
         self.run = Storage(options.run_root)
         self.identity = _worker_identity()
         self.model_provenance = self.model.provenance()
+        self.mask_classes = mask_classes(self.model.config.control)
 
     # -- Ray Data entry point --------------------------------------------
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[str]]:
@@ -113,32 +131,64 @@ class GenerateWorker:
                     results.append({**marker["index"], "status": "skipped"})
                 else:
                     tasks.append((item["line"], record, sample, key))
-        # Records sharing an output grid sample together, batch_size at a time.
-        by_shape: dict[tuple, list] = {}
+        # Records sharing an output grid (and all with masks, or all without:
+        # the ControlNet runs per batch) sample together, batch_size at a time.
+        groups: dict[tuple, list] = {}
         config = self.model.config
         for task in tasks:
-            by_shape.setdefault(tuple(task[1].shape or config.default_shape), []).append(task)
-        for shape, group in by_shape.items():
+            shape = tuple(task[1].shape or config.default_shape)
+            groups.setdefault((shape, task[1].has_mask), []).append(task)
+        for (shape, _), group in groups.items():
             for start in range(0, len(group), self.options.batch_size):
                 results.extend(
                     self._generate(shape, group[start : start + self.options.batch_size])
                 )
         return {"result": [json.dumps(row) for row in results]}
 
+    def _masks(self, shape, tasks, spacings, seeds) -> tuple[list, list]:
+        """(task, mask or None) pairs for tasks whose mask resolved, and
+        failure rows (with the record id and the reason) for the rest."""
+        from factory.masks import resolve_mask
+
+        control = self.model.config.control
+        ready, failed = [], []
+        for task, spacing, seed in zip(tasks, spacings, seeds, strict=True):
+            record = task[1]
+            if not record.has_mask:
+                ready.append((task, spacing, seed, None))
+                continue
+            try:
+                mask = resolve_mask(record, seed, shape, spacing, control)
+            except Exception as error:
+                log.warning("mask of %s refused: %s", record.id, error)
+                failed.append(self._failure(*task, ValueError(f"mask: {error}")))
+                continue
+            ready.append((task, spacing, seed, mask))
+        return ready, failed
+
     # -- one batch of volumes of the same shape -------------------------
     def _generate(self, shape: tuple[int, int, int], tasks: list) -> list[dict[str, Any]]:
         from report2ct.pipeline import generate
 
         config = self.model.config
-        records = [record for _, record, _, _ in tasks]
-        spacings = [tuple(r.spacing_mm or config.default_spacing_mm) for r in records]
-        seeds = [r.resolved_seed() + sample for _, r, sample, _ in tasks]
         # Per-record guidance overrides: records of one batch must agree, so
         # a batch with mixed overrides is split.
-        guidance = {r.guidance_scale for r in records}
+        guidance = {task[1].guidance_scale for task in tasks}
         if len(guidance) > 1:
             return [row for task in tasks for row in self._generate(shape, [task])]
         record_guidance = guidance.pop()
+        spacings = [tuple(task[1].spacing_mm or config.default_spacing_mm) for task in tasks]
+        seeds = [task[1].resolved_seed() + task[2] for task in tasks]
+        ready, rows = self._masks(shape, tasks, spacings, seeds)
+        if not ready:
+            return rows
+        tasks, spacings, seeds, masks = (list(column) for column in zip(*ready, strict=True))
+        records = [record for _, record, _, _ in tasks]
+        # A phantom mask says which findings it drew: those are the labels.
+        labels = [
+            mask.labels if mask is not None and mask.labels is not None else r.labels
+            for r, mask in zip(records, masks, strict=True)
+        ]
         try:
             result = generate(
                 self.model,
@@ -152,15 +202,16 @@ class GenerateWorker:
                 else self.options.guidance_scale,
                 num_steps=self.options.num_steps,
                 precision=self.options.precision,
+                labels=labels if config.label_condition else None,
+                masks=[m.values for m in masks] if masks[0] is not None else None,
             )
         except Exception as error:
             log.exception("generation failed for %s", [r.id for r in records])
-            return [
+            return rows + [
                 self._failure(line, record, sample, key, error)
                 for line, record, sample, key in tasks
             ]
         per_volume = {name: value / len(tasks) for name, value in result.timings_s.items()}
-        rows = []
         for index, (line, record, sample, key) in enumerate(tasks):
             try:
                 rows.append(
@@ -174,6 +225,8 @@ class GenerateWorker:
                         seeds[index],
                         result.sampler,
                         dict(per_volume),
+                        labels[index],
+                        masks[index],
                     )
                 )
             except Exception as error:
@@ -192,7 +245,18 @@ class GenerateWorker:
         }
 
     def _write_and_commit(
-        self, line, record: ManifestRecord, sample, key, volume, spacing, seed, sampler, timings
+        self,
+        line,
+        record: ManifestRecord,
+        sample,
+        key,
+        volume,
+        spacing,
+        seed,
+        sampler,
+        timings,
+        labels,
+        mask,
     ) -> dict[str, Any]:
         from factory.preview import render_preview
         from factory.writer import write_nifti, write_ome_zarr
@@ -206,13 +270,15 @@ class GenerateWorker:
             "sample": sample,
             "key": key,
             "uri": self.run.uri(zarr_key),
-            "labels": dict(zip(_label_names(), record.label_vector(), strict=True)),
+            "labels": {name: int(labels.get(name, 0)) for name in CTRATE_LABELS},
             "seed": seed,
             "spacing_mm": list(spacing),
             "shape": list(volume.shape),
             "findings": record.findings,
             "impression": record.impression,
         }
+        if mask is not None:
+            index_row["mask"] = f"{self.run.uri(zarr_key)}/labels/{MASK_LABEL}"
         provenance = {
             **self.model_provenance,
             "sampler": sampler,
@@ -220,6 +286,7 @@ class GenerateWorker:
             "record": record.model_dump(mode="json"),
             "report": {"findings": record.findings, "impression": record.impression},
             "labels": index_row["labels"],
+            "mask": None if mask is None else mask.provenance,
             "worker": self.identity,
             "timings_s": timings,
             "attempt": attempt,
@@ -231,6 +298,8 @@ class GenerateWorker:
                 volume,
                 spacing,
                 attributes={"provenance": provenance, "labels": index_row["labels"]},
+                mask_xyz=None if mask is None else mask.values,
+                mask_classes=self.mask_classes,
             )
             files = {
                 f"{zarr_key}/{name}": digest
@@ -265,12 +334,6 @@ class GenerateWorker:
                 return {**winner["index"], "status": "skipped"}
             # Our own put landed but its answer was lost (a retry then saw 412): ours counts.
         return {**index_row, "status": "generated", "line": line}
-
-
-def _label_names():
-    from report2ct.labels import CTRATE_LABELS
-
-    return CTRATE_LABELS
 
 
 def _maybe_die(run: Storage) -> None:

@@ -41,7 +41,8 @@ class Phantom:
     spacing_mm: tuple[float, float, float]
 
 
-def _labels(findings: list[Finding]) -> dict[str, int]:
+def labels_of(findings: list[Finding]) -> dict[str, int]:
+    """The 18 CT-RATE labels of a list of drawn findings."""
     present = {f.label for f in findings}
     return {name: int(name in present) for name in CTRATE_LABELS}
 
@@ -103,7 +104,7 @@ def make_phantom(
         volume,
         mask,
         findings,
-        _labels(findings),
+        labels_of(findings),
         findings_text,
         impression,
         tuple(float(s) for s in spacing_mm),

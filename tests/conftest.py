@@ -80,3 +80,20 @@ def tiny_bundle(tmp_path_factory):
     path = tmp_path_factory.mktemp("bundles") / "tiny"
     build_random_bundle(path, preset_name="tiny", seed=0)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_mask_bundle(tmp_path_factory):
+    """A random `tiny` bundle with the label token and a ControlNet on the
+    phantom world's legend: every mask path runs, in seconds."""
+    import dataclasses
+
+    from phantom.legend import LABELS
+    from report2ct.bundle import build_random_bundle
+    from report2ct.config import ControlConfig, preset
+
+    legend = tuple((label.value, label.name) for label in LABELS if label.value)
+    config = dataclasses.replace(preset("tiny"), control=ControlConfig(legend=legend))
+    path = tmp_path_factory.mktemp("bundles") / "tiny-masks"
+    build_random_bundle(path, config=config, seed=0)
+    return path

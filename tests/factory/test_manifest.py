@@ -6,6 +6,7 @@ import pytest
 
 from factory.manifest import ManifestRecord, Rejection, read_manifest
 from report2ct.config import preset
+from report2ct.labels import CTRATE_LABELS
 
 GOOD = {"id": "pt-1", "findings": "Right pleural effusion.", "impression": "Effusion."}
 
@@ -24,7 +25,14 @@ def test_good_records_and_defaults():
 BAD = [
     (b'{"id": "x", "findings": ', None, "malformed JSON"),
     ({**GOOD, "colour": "blue"}, "pt-1", "colour: unknown field"),
-    ({"id": "pt-1", "impression": "x"}, "pt-1", "findings: Field required"),
+    ({"id": "pt-1"}, "pt-1", "neither text (findings, impression) nor labels"),
+    ({"id": "pt-1", "labels": {}, "spacing_mm": [8, 8, 10]}, "pt-1", "neither text"),
+    ({**GOOD, "mask": "masks/p1.nii.gz"}, "pt-1", "not s3://, file:// or an absolute path"),
+    ({**GOOD, "mask": "/data/p1.png"}, "pt-1", "must end in one of .nii"),
+    ({**GOOD, "mask": "/m.nii.gz", "mask_source": "phantom"}, "pt-1", "either mask"),
+    ({**GOOD, "mask_source": "atlas"}, "pt-1", "mask_source"),
+    ({**GOOD, "mask_legend": "/map.json"}, "pt-1", "give mask too"),
+    ({**GOOD, "mask_source": "phantom"}, "pt-1", "no mask condition (ControlNet)"),
     ({**GOOD, "findings": "   "}, "pt-1", "findings: must not be empty"),
     ({**GOOD, "findings": "x" * 2_000_000}, "pt-1", "the limit is"),
     ({**GOOD, "impression": "bad\x07bell"}, "pt-1", "control characters"),
@@ -100,3 +108,34 @@ def test_duplicates_across_read_batches_name_the_later_line():
     assert rejected == list(range(8, 21)) and all(
         "duplicate id" in r.reason for _, r in results[7:]
     )
+
+
+def test_records_may_ask_by_labels_alone_when_the_model_has_the_label_condition():
+    import dataclasses
+
+    label_only = {"id": "by-labels", "labels": {"Cardiomegaly": 1, "Emphysema": 0}}
+    ((_, record),) = list(read_manifest(iter(lines(label_only)), config=preset("tiny")))
+    assert isinstance(record, ManifestRecord) and record.findings is None
+    assert record.label_vector()[CTRATE_LABELS.index("Cardiomegaly")] == 1
+    text_only_model = dataclasses.replace(preset("tiny"), label_condition=False)
+    ((_, rejection),) = list(read_manifest(iter(lines(label_only)), config=text_only_model))
+    assert isinstance(rejection, Rejection) and rejection.id == "by-labels"
+    assert "no label condition" in rejection.reason
+
+
+def test_mask_records_validate_against_a_model_with_a_controlnet():
+    import dataclasses
+
+    from report2ct.config import ControlConfig
+
+    config = dataclasses.replace(preset("tiny"), control=ControlConfig(legend=((3, "lung"),)))
+    records = [
+        {"id": "a", "labels": {"Pleural effusion": 1}, "mask_source": "phantom"},
+        {**GOOD, "id": "b", "mask": "s3://bucket/m/b.nii.gz", "mask_legend": "s3://b/map.json"},
+        {**GOOD, "id": "c", "mask": "file:///data/c.ome.zarr"},
+        {"id": "d", "labels": {"Bronchiectasis": 1}, "mask_source": "phantom"},
+    ]
+    rows = [row for _, row in read_manifest(iter(lines(*records)), config=config)]
+    assert all(isinstance(row, ManifestRecord) and row.has_mask for row in rows[:3]), rows
+    assert isinstance(rows[3], Rejection) and rows[3].id == "d"
+    assert "cannot draw ['Bronchiectasis']" in rows[3].reason

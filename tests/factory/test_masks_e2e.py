@@ -1,0 +1,134 @@
+"""Masks through the whole factory, against a real local S3 endpoint and a
+real local Ray: outputs carry `labels/mask` on the image's grid, an
+independent zarr reader opens them, the downstream reader returns (image,
+mask, labels, report), and unusable masks are reported by id and reason."""
+
+import gzip
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import zarr
+
+from factory.job import EXIT_PARTIAL, GenerateOptions, run_generate
+from factory.reader import GeneratedVolumes
+from phantom.world import make_mask
+from report2ct.config import preset
+
+pytestmark = pytest.mark.integration
+
+TINY = preset("tiny")
+SHAPE, SPACING = TINY.default_shape, TINY.default_spacing_mm
+
+
+def nifti_bytes(array, spacing):
+    image = nib.Nifti1Image(array, np.diag([*spacing, 1.0]))
+    return gzip.compress(image.to_bytes())
+
+
+def test_masks_from_uris_and_the_phantom_world_end_in_labels(
+    s3_server, s3_bucket, ray_local, tiny_mask_bundle, tmp_path
+):
+    client = s3_server.client()
+    truth = make_mask(21, shape=SHAPE, spacing_mm=SPACING)[0]
+    fine = truth.repeat(2, 0).repeat(2, 1).repeat(2, 2).astype(np.int16)  # half the spacing
+    half = tuple(s / 2 for s in SPACING)
+    client.put_object(Bucket=s3_bucket, Key="masks/fine.nii.gz", Body=nifti_bytes(fine, half))
+    bad = np.full(SHAPE, 99, np.int16)
+    client.put_object(Bucket=s3_bucket, Key="masks/bad.nii.gz", Body=nifti_bytes(bad, SPACING))
+    flat = np.zeros((32, 32), np.int16)
+    client.put_object(Bucket=s3_bucket, Key="masks/flat.nii.gz", Body=nifti_bytes(flat, SPACING))
+    rows = [
+        {"id": "uri", "findings": "Normal chest.", "mask": f"s3://{s3_bucket}/masks/fine.nii.gz"},
+        {"id": "drawn", "labels": {"Pleural effusion": 1}, "mask_source": "phantom", "seed": 4},
+        {"id": "by-labels", "labels": {"Cardiomegaly": 1}},
+        {"id": "unknown-value", "findings": "x", "mask": f"s3://{s3_bucket}/masks/bad.nii.gz"},
+        {"id": "flat", "findings": "x", "mask": f"s3://{s3_bucket}/masks/flat.nii.gz"},
+        {"id": "nothing", "spacing_mm": list(SPACING)},
+    ]
+    body = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    client.put_object(Bucket=s3_bucket, Key="in/masks.jsonl", Body=body)
+    result = run_generate(
+        GenerateOptions(
+            manifest=f"s3://{s3_bucket}/in/masks.jsonl",
+            output=f"s3://{s3_bucket}/out",
+            bundle=str(tiny_mask_bundle),
+            workers=2,
+            batch_size=2,
+        )
+    )
+    assert result.exit_code == EXIT_PARTIAL, result.summary
+    assert result.counts["committed"] == 3, result.summary
+
+    errors = {
+        e["id"]: e["reason"]
+        for e in map(
+            json.loads,
+            client.get_object(Bucket=s3_bucket, Key="out/masks/errors.jsonl")["Body"]
+            .read()
+            .decode()
+            .splitlines(),
+        )
+    }
+    assert "unknown label values [99]" in errors["unknown-value"]
+    assert "a label map is 3-D" in errors["flat"]
+    assert "neither text" in errors["nothing"]
+
+    index_uri = f"s3://{s3_bucket}/out/masks/index.jsonl"
+    items = {item["id"]: item for item in GeneratedVolumes(index_uri)}
+    assert set(items) == {"uri", "drawn", "by-labels"}
+    assert "mask" not in items["by-labels"] and items["by-labels"]["labels"][2] == 1.0
+    assert np.array_equal(items["uri"]["mask"][0].numpy(), truth)
+    drawn = items["drawn"]
+    expected, _ = make_mask(
+        drawn["seed"],
+        shape=SHAPE,
+        spacing_mm=SPACING,
+        prevalence=0.0,
+        requested={"Pleural effusion": 1},
+    )
+    assert np.array_equal(drawn["mask"][0].numpy(), expected)
+    assert drawn["mask_classes"][21] == "pleural_effusion"
+    assert drawn["volume"].shape == drawn["mask"].shape == (1, *SHAPE)
+
+    # An independent reader: the objects copied with boto3, opened by zarr alone.
+    for name in ("uri", "drawn"):
+        prefix = _uri_of(index_uri, client, s3_bucket, name)
+        local = _download(client, s3_bucket, prefix, tmp_path / name)
+        image = zarr.open_group(str(local), mode="r")
+        label = zarr.open_group(str(local / "labels" / "mask"), mode="r")
+        assert zarr.open_group(str(local / "labels"), mode="r").attrs["ome"]["labels"] == ["mask"]
+        assert label["s0"].shape == image["s0"].shape == SHAPE[::-1]
+        scale = lambda g: g.attrs["ome"]["multiscales"][0]["datasets"][0][  # noqa: E731
+            "coordinateTransformations"
+        ][0]["scale"]
+        assert scale(label) == scale(image) == list(SPACING[::-1])
+        names = {
+            p["label-value"]: p["name"] for p in label.attrs["ome"]["image-label"]["properties"]
+        }
+        assert names[3] == "lung" and set(names) == set(np.unique(label["s0"][...])) - {0}
+        provenance = image.attrs["provenance"]["mask"]
+        assert provenance["source"] == ("uri" if name == "uri" else "phantom")
+        from factory.writer import validate_ome_zarr
+
+        validate_ome_zarr(local)
+
+
+def _uri_of(index_uri, client, bucket, record_id):
+    key = index_uri.removeprefix(f"s3://{bucket}/")
+    for line in client.get_object(Bucket=bucket, Key=key)["Body"].read().decode().splitlines():
+        row = json.loads(line)
+        if row["id"] == record_id:
+            assert row["mask"].endswith("/labels/mask")
+            return row["uri"].removeprefix(f"s3://{bucket}/")
+    raise AssertionError(record_id)
+
+
+def _download(client, bucket, prefix, into: Path) -> Path:
+    for item in client.list_objects_v2(Bucket=bucket, Prefix=prefix + "/")["Contents"]:
+        target = into / item["Key"][len(prefix) + 1 :]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read())
+    return into
