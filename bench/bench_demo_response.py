@@ -1,11 +1,13 @@
-"""Does the demo bundle draw what its reports say? For each finding, the
-paired response of `evaluation.response` (same seed, report with vs without
-the finding; see that module for the metrics) over --seeds seeds.
+"""Does the demo bundle draw what it is asked for? For each finding, the
+paired response of `evaluation.response` (same seed, request with vs without
+the finding; see that module for the metrics) over --seeds seeds, asked by
+the report's text and, side by side, by the CT-RATE labels alone.
 
-    .venv/bin/python bench/bench_demo_response.py [--bundle DIR] [--seeds 8]
+    .venv/bin/python bench/bench_demo_response.py [--bundle DIR] [--seeds 8] [--by text labels]
 
-Prints, per finding, the mean paired difference, its standard error and the
-fraction of seeds whose difference is positive (RATIO lines).
+Prints, per finding and way of asking, the mean paired difference, its
+standard error and the fraction of seeds whose difference is positive
+(RATIO lines), then labels-vs-text ratios of those fractions.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import argparse
 
 import numpy as np
 
-from evaluation.response import FINDINGS, paired_response
+from evaluation.response import ASKED_BY, FINDINGS, paired_response
 from report2ct.bundle import load_bundle
 
 
@@ -25,18 +27,29 @@ def main() -> None:
     parser.add_argument("--bundle", default="report2ct/bundles/demo")
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--by", nargs="+", choices=ASKED_BY, default=None)
     args = parser.parse_args()
     model = load_bundle(args.bundle)
+    by = args.by or (ASKED_BY if model.config.label_condition else ("text",))
     seeds = list(range(7000, 7000 + args.seeds))
-    normal = None
-    for name in FINDINGS:
-        diffs, normal = paired_response(model, name, seeds, num_steps=args.steps, normal=normal)
-        more = float(np.mean(diffs > 0))
-        print(
-            f"{name:17s} {diffs.mean():+8.1f} mL (sem {diffs.std(ddof=1) / np.sqrt(len(diffs)):.1f}); "
-            f"more in {more:.0%} of {len(seeds)} seeds"
-        )
-        print(f"RATIO {name.lower().replace(' ', '_')}_more_fraction {more:.2f}")
+    fractions = {}
+    for way in by:
+        normal = None
+        for name in FINDINGS:
+            diffs, normal = paired_response(
+                model, name, seeds, num_steps=args.steps, normal=normal, by=way
+            )
+            more = fractions[way, name] = float(np.mean(diffs > 0))
+            sem = diffs.std(ddof=1) / np.sqrt(len(diffs))
+            print(
+                f"by {way:6s} {name:17s} {diffs.mean():+8.1f} mL (sem {sem:.1f}); "
+                f"more in {more:.0%} of {len(seeds)} seeds"
+            )
+            print(f"RATIO {way}_{name.lower().replace(' ', '_')}_more_fraction {more:.2f}")
+    if {"text", "labels"} <= set(by):
+        text = np.mean([fractions["text", n] for n in FINDINGS])
+        labels = np.mean([fractions["labels", n] for n in FINDINGS])
+        print(f"RATIO labels_vs_text_more_fraction {labels / max(text, 1e-9):.2f}")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ class Case:
     spacing_mm: tuple[float, float, float]
     labels: np.ndarray
     report: str
+    mask: np.ndarray | None = None  # (X, Y, Z) label map it was generated from, if any
+    mask_classes: dict[int, str] | None = None  # mask value -> class name
 
     def __post_init__(self) -> None:
         if self.volume_hu.ndim != 3:
@@ -88,6 +90,8 @@ def generated_cases(index_uri: str) -> list[Case]:
                 spacing_mm=tuple(float(s) for s in item["spacing_mm"]),
                 labels=item["labels"].numpy().astype(np.int64),
                 report=report_text(item["findings"], item["impression"]),
+                mask=item["mask"][0].numpy() if "mask" in item else None,
+                mask_classes=item.get("mask_classes"),
             )
         )
     if not cases:
@@ -112,6 +116,8 @@ def reference_cases(root: str | Path, *, split: str) -> list[Case]:
                 spacing_mm=tuple(float(s) for s in item["spacing_mm"]),
                 labels=item["labels"].numpy().astype(np.int64),
                 report=report_text(item["findings"], item["impression"]),
+                mask=item["mask"][0].numpy() if "mask" in item else None,
+                mask_classes=item.get("mask_classes"),
             )
         )
     if not cases:

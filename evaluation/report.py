@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from evaluation.adherence import mask_adherence
 from evaluation.classifier import LabelClassifier, label_fidelity, train_classifier
 from evaluation.clip import ClipModel, clip_scores, train_clip
 from evaluation.data import Case, stack_grid, to_grid
@@ -132,6 +133,11 @@ def evaluate(
         feature_net=net,
         settings=settings,
     )
+    masked = [c for c in generated if c.mask is not None]
+    if masked:  # volumes generated from label maps: does each follow its map?
+        metrics["mask_adherence"] = mask_adherence(
+            (c.volume_hu, c.mask, c.mask_classes or {}) for c in masked
+        )
     metrics["fid_2p5d"]["feature_net"] = getattr(net, "name", type(net).__name__)
     metrics["counts"] = {
         "generated": len(generated),
@@ -189,6 +195,27 @@ def markdown(metrics: dict[str, Any], montages: dict[str, str]) -> str:
     lines.append(
         f"| **macro** | **{_fmt(fidelity['generated']['macro'])}** | **{_fmt(fidelity['real']['macro'])}** |"
     )
+    if "mask_adherence" in metrics:
+        adherence = metrics["mask_adherence"]
+        lines += [
+            "",
+            f"## Mask adherence ({adherence['volumes']} volumes generated from label maps)",
+            "",
+            "Fraction of voxels whose HU lies in the range of the tissue the map asks for "
+            "(interior: each class eroded by one voxel).",
+            "",
+            "| tissue | all voxels | interior | voxels |",
+            "|---|---|---|---|",
+            f"| **overall** | **{_fmt(adherence['overall'])}** | "
+            f"**{_fmt(adherence['overall_interior'])}** | |",
+            f"| in the body | {_fmt(adherence['in_body'])} | "
+            f"{_fmt(adherence['in_body_interior'])} | |",
+        ]
+        lines += [
+            f"| {tissue} | {_fmt(row['fraction'])} | {_fmt(row['fraction_interior'])} | "
+            f"{row['voxels']} |"
+            for tissue, row in adherence["per_tissue"].items()
+        ]
     lines += ["", "## 2.5D FID", "", "| plane | FID |", "|---|---|"]
     lines += [f"| {plane} | {_fmt(fid[plane], 4)} |" for plane in (*PLANES, "mean")]
     lines += ["", "## Real vs generated, per finding", ""]

@@ -76,6 +76,9 @@ def phantom_report(seed: int, requested: dict[str, int]) -> tuple[str, str]:
     return p.findings, p.impression
 
 
+ASKED_BY = ("text", "labels")
+
+
 def paired_response(
     model,
     finding: str,
@@ -83,27 +86,37 @@ def paired_response(
     *,
     num_steps: int | None = None,
     normal: np.ndarray | None = None,
+    by: str = "text",
 ) -> tuple[np.ndarray, np.ndarray]:
     """(per-seed change of `finding`'s metric in mL, the normal volumes):
-    the same seed's report with `finding` minus without it."""
+    the same seed's request with `finding` minus without it. `by="text"`
+    asks with the phantom's report; `by="labels"` with the labels alone
+    (the rendered findings all given: the finding 1, the others 0)."""
     from report2ct.pipeline import generate
 
+    if by not in ASKED_BY:
+        raise ValueError(f"by must be one of {ASKED_BY}, got {by!r}")
     spacing = model.config.default_spacing_mm
     voxel_ml = float(np.prod(spacing)) / 1000
 
-    def volumes(reports):
+    def volumes(requested: dict[str, int]):
+        if by == "text":
+            reports = [phantom_report(s, requested) for s in seeds]
+            text = {"findings": [f for f, _ in reports], "impressions": [i for _, i in reports]}
+        else:
+            text = {"findings": [None] * len(seeds), "impressions": [None] * len(seeds)}
         return generate(
             model,
-            findings=[f for f, _ in reports],
-            impressions=[i for _, i in reports],
-            spacings_mm=[spacing] * len(reports),
+            **text,
+            labels=[requested] * len(seeds) if by == "labels" else None,
+            spacings_mm=[spacing] * len(seeds),
             seeds=list(seeds),
             num_steps=num_steps,
         ).volumes_hu
 
     if normal is None:
-        normal = volumes([phantom_report(s, NONE) for s in seeds])
-    with_finding = volumes([phantom_report(s, {**NONE, finding: 1}) for s in seeds])
+        normal = volumes(NONE)
+    with_finding = volumes({**NONE, finding: 1})
     diffs = []
     for a, b in zip(with_finding, normal, strict=True):
         region = regions(b)

@@ -93,6 +93,15 @@ def test_masks_from_uris_and_the_phantom_world_end_in_labels(
     assert drawn["mask_classes"][21] == "pleural_effusion"
     assert drawn["volume"].shape == drawn["mask"].shape == (1, *SHAPE)
 
+    # Evaluation reads the same masks back and scores adherence on them.
+    from evaluation.adherence import mask_adherence
+    from evaluation.data import generated_cases
+
+    masked = [c for c in generated_cases(index_uri) if c.mask is not None]
+    assert sorted(c.id for c in masked) == ["drawn", "uri"]
+    adherence = mask_adherence((c.volume_hu, c.mask, c.mask_classes) for c in masked)
+    assert adherence["volumes"] == 2 and 0.0 <= adherence["overall"] <= 1.0
+
     # An independent reader: the objects copied with boto3, opened by zarr alone.
     for name in ("uri", "drawn"):
         prefix = _uri_of(index_uri, client, s3_bucket, name)
