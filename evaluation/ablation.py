@@ -1,5 +1,6 @@
 """Ablations the paper reports, on the phantom world: one text encoder vs
-several, and guidance off vs on at two scales.
+several, and guidance off vs on at two scales; and, for a bundle with the
+label condition, asking by the report, by the labels alone, or by both.
 
 A variant is (bundle, guidance_scale); one encoder vs several needs two
 bundles trained alike but for their encoders (the demo recipe run twice).
@@ -29,6 +30,7 @@ from report2ct.labels import CTRATE_LABELS
 # the plain conditional model ("off"), ARCHITECTURE.md's operating point is ~5.
 GUIDANCE_OFF = 1.0
 GUIDANCE_ON = (3.0, 5.0)
+ASK_BY = ("text", "labels", "text+labels")
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,17 @@ class Variant:
     name: str
     bundle: str
     guidance_scale: float
+    ask_by: str = "text"  # what of each record conditions generation: ASK_BY
+
+
+def condition_variants(
+    bundle: str, ask_by: Sequence[str], *, guidance_scale: float = GUIDANCE_ON[-1], prefix=""
+) -> list[Variant]:
+    """One variant per way of asking (labels alone, text + labels, ...)."""
+    unknown = sorted(set(ask_by) - set(ASK_BY))
+    if unknown:
+        raise ValueError(f"ask_by {unknown}: choose from {', '.join(ASK_BY)}")
+    return [Variant(f"{prefix}by {way}", bundle, guidance_scale, way) for way in ask_by]
 
 
 def guidance_variants(
@@ -61,11 +74,16 @@ def generate_cases(
     num_steps: int | None = None,
     shape: tuple[int, int, int] | None = None,
     batch_size: int = 4,
+    ask_by: str = "text",
 ) -> list[Case]:
     """Generate one volume per manifest record (the `ctfactory generate` input
-    format, validated by the factory's own model) with a loaded `Report2CT`."""
+    format, validated by the factory's own model) with a loaded `Report2CT`,
+    conditioned on the records' text, labels or both (`ask_by`)."""
     from report2ct.pipeline import generate
 
+    if ask_by not in ASK_BY:
+        raise ValueError(f"ask_by {ask_by!r}: choose from {', '.join(ASK_BY)}")
+    text, labels = "text" in ask_by, "labels" in ask_by
     parsed = [ManifestRecord.model_validate(dict(r)) for r in records]
     cases = []
     for start in range(0, len(parsed), batch_size):
@@ -73,8 +91,9 @@ def generate_cases(
         spacings = [r.spacing_mm or model.config.default_spacing_mm for r in chunk]
         result = generate(
             model,
-            findings=[r.findings for r in chunk],
-            impressions=[r.impression for r in chunk],
+            findings=[r.findings if text else None for r in chunk],
+            impressions=[r.impression if text else None for r in chunk],
+            labels=[r.labels for r in chunk] if labels else None,
             spacings_mm=spacings,
             # Same seed per record in every variant: differences are the variant's.
             seeds=[r.seed if r.seed is not None else start + i for i, r in enumerate(chunk)],
@@ -123,6 +142,7 @@ def run_ablation(
             records,
             num_steps=num_steps,
             shape=shape,
+            ask_by=variant.ask_by,
         )
         metrics = score(
             cases,
@@ -137,6 +157,7 @@ def run_ablation(
                 "variant": variant.name,
                 "bundle": variant.bundle,
                 "guidance_scale": variant.guidance_scale,
+                "ask_by": variant.ask_by,
                 "fidelity_macro_auroc": metrics["label_fidelity"]["generated"]["macro"],
                 "fidelity_ratio": metrics["label_fidelity"]["ratio"],
                 "fid_2p5d_mean": metrics["fid_2p5d"]["mean"],

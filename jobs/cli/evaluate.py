@@ -112,6 +112,12 @@ def ablate(
         (48, 48, 32), "--shape", help="common grid shape x y z"
     ),
     epochs: int = typer.Option(20, "--epochs", min=1, help="epochs for networks trained here"),
+    ask_by: list[str] = typer.Option(
+        [],
+        "--ask-by",
+        help="also ask the first bundle by 'labels' alone or by 'text+labels' (at the "
+        "largest --scale), repeatable; needs a bundle with the label condition",
+    ),
 ) -> None:
     """The paper's ablations on the phantom world: guidance off (s=1) vs on at
     each --scale for the first bundle, and one row per further bundle (e.g. one
@@ -125,6 +131,7 @@ def ablate(
     from evaluation.ablation import (
         Variant,
         ablation_markdown,
+        condition_variants,
         guidance_variants,
         phantom_records,
         run_ablation,
@@ -142,6 +149,11 @@ def ablate(
     )
     try:
         first = read_config(named[0][1])  # a bad bundle fails before any work
+        extra = condition_variants(
+            named[0][1], ask_by, guidance_scale=max(scales), prefix=f"{named[0][0]}: "
+        )
+        if ask_by and not first.label_condition:
+            raise ValueError(f"{named[0][1]}: --ask-by needs a bundle with the label condition")
         train = reference_cases(reference, split="train")
         held_out = reference_cases(reference, split="valid")
     except (OSError, ValueError, BundleError) as error:
@@ -152,7 +164,7 @@ def ablate(
         train, settings, out, classifier=classifier, clip=clip, feature_net=feature_net
     )
     variants = guidance_variants(named[0][1], scales_on=scales, prefix=f"{named[0][0]}: ")
-    variants += [Variant(name, path, max(scales)) for name, path in named[1:]]
+    variants += extra + [Variant(name, path, max(scales)) for name, path in named[1:]]
     # Fresh seeds: neither the reference nor the generator's training set drew them.
     records = phantom_records(range(900_000, 900_000 + n), spacing_mm=first.default_spacing_mm)
     rows = run_ablation(

@@ -29,6 +29,7 @@ def test_ablate_writes_one_row_per_variant(tmp_path, tiny_bundle):
             *("--bundle", f"several={tiny_bundle}", "--bundle", f"other={other}"),
             *("--reference", str(reference), "--out", str(out), "--n", "6", "--steps", "2"),
             *("--scale", "3", "--scale", "5", "--epochs", "1"),
+            *("--ask-by", "labels", "--ask-by", "text+labels"),
             *("--spacing-mm", "12", "12", "13.5", "--shape", "32", "32", "24"),
         ],
     )
@@ -38,13 +39,17 @@ def test_ablate_writes_one_row_per_variant(tmp_path, tiny_bundle):
         ("several: guidance off (s=1)", 1.0),
         ("several: guidance s=3", 3.0),
         ("several: guidance s=5", 5.0),
+        ("several: by labels", 5.0),
+        ("several: by text+labels", 5.0),
         ("other", 5.0),
     ]
+    assert [r["ask_by"] for r in rows] == ["text"] * 3 + ["labels", "text+labels", "text"]
     for row in rows:
         assert math.isfinite(row["fid_2p5d_mean"]) and row["fid_2p5d_mean"] >= 0
         assert 0 <= row["clip_text_to_image"] <= 100
     # Guidance changes the volumes, so it changes what the networks see.
-    assert len({round(r["fid_2p5d_mean"], 9) for r in rows[:3]}) == 3
+    # and so does what the model is asked by.
+    assert len({round(r["fid_2p5d_mean"], 9) for r in rows[:5]}) == 5
     table = (out / "ablation.md").read_text()
     assert table.count("\n") == 2 + len(rows) and "| other | 5 |" in table
 

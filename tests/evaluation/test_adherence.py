@@ -2,7 +2,6 @@
 own label maps, a tissue swapped for another scores 0 for that tissue, and a
 volume against someone else's map scores far lower."""
 
-import numpy as np
 import pytest
 
 from evaluation.adherence import mask_adherence
