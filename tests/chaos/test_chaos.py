@@ -181,7 +181,9 @@ def test_driver_killed_then_rerun_generates_only_the_missing(
 BAD_LINES = [
     '{"id": "bad-json", "findings": ',
     json.dumps({"id": "unknown-field", "findings": "a", "impression": "b", "colour": "red"}),
-    json.dumps({"id": "missing-text", "impression": "b"}),
+    json.dumps({"id": "missing-text", "spacing_mm": [8, 8, 10]}),  # neither text nor labels
+    json.dumps({"id": "relative-mask", "findings": "a", "mask": "masks/m.nii.gz"}),
+    json.dumps({"id": "mask-no-controlnet", "findings": "a", "mask_source": "phantom"}),
     json.dumps({"id": "empty-text", "findings": " ", "impression": "b"}),
     json.dumps({"id": "huge", "findings": "x" * (10 * 1024 * 1024), "impression": "b"}),
     json.dumps({"id": "control", "findings": "a\u0007b", "impression": "b"}),
