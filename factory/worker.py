@@ -146,8 +146,9 @@ class GenerateWorker:
         return {"result": [json.dumps(row) for row in results]}
 
     def _masks(self, shape, tasks, spacings, seeds) -> tuple[list, list]:
-        """(task, mask or None) pairs for tasks whose mask resolved, and
-        failure rows (with the record id and the reason) for the rest."""
+        """(task, spacing, seed, mask or None) for each task without a mask or
+        whose mask resolved on the output grid, and failure rows (record id
+        and reason) for the rest."""
         from factory.masks import resolve_mask
 
         control = self.model.config.control
