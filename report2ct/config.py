@@ -128,6 +128,9 @@ class ModelConfig:
     # The 18 CT-RATE labels as one more context token (dropped independently
     # of the text in training), so a record can ask by labels, text or both.
     label_condition: bool = False
+    # Dropped far more often than the text: a label vector is an easy code, and
+    # a model that sees it beside most reports learns the reports' words little.
+    label_dropout: float = 0.5
     control: ControlConfig | None = None  # the mask condition (a ControlNet), when trained
 
     @property

@@ -5,9 +5,9 @@
 
 with the report condition replaced by the empty one with probability
 `cond_dropout` per sample, so classifier-free guidance works at sampling;
-the label condition is dropped the same way, independently of the text, so
-the model learns labels alone, text alone and both. A mask (ControlNet
-input) is never dropped.
+the label condition is dropped with probability `label_dropout`,
+independently of the text, so the model learns labels alone, text alone,
+both and neither. A mask (ControlNet input) is never dropped.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from report2ct.flow import Denoiser
 @dataclass(frozen=True)
 class RectifiedFlowLoss:
     cond_dropout: float = 0.15
+    label_dropout: float = 0.5
     time_sampling: str = "logit-normal"  # or "uniform"
 
     def sample_times(
@@ -51,7 +52,9 @@ class RectifiedFlowLoss:
         context = context * keep.view(-1, 1, 1).to(context.dtype)  # dropped -> zeros = null context
         optional = {} if control is None else {"control": control}
         if labels is not None:
-            keep_labels = torch.rand(batch, generator=generator, device=device) >= self.cond_dropout
+            keep_labels = (
+                torch.rand(batch, generator=generator, device=device) >= self.label_dropout
+            )
             optional["labels"] = labels * keep_labels.view(-1, 1).to(labels.dtype)
         v = denoiser(x_t, t.to(x0.dtype), context, spacing_mm, **optional)
         return torch.mean((v.float() - (x0 - noise).float()) ** 2)

@@ -129,8 +129,12 @@ class LatentSet(Dataset):
 
 
 class LDMLoss:
-    def __init__(self, cond_dropout: float):
-        self.loss = RectifiedFlowLoss(cond_dropout=cond_dropout)
+    def __init__(self, cond_dropout: float, label_dropout: float = 0.5):
+        self.loss = RectifiedFlowLoss(cond_dropout=cond_dropout, label_dropout=label_dropout)
+
+    @classmethod
+    def for_model(cls, config: ModelConfig) -> LDMLoss:
+        return cls(config.cond_dropout, config.label_dropout)
 
     def __call__(self, engine, batch, generator) -> torch.Tensor:
         return self.loss(
@@ -149,7 +153,7 @@ def train_ldm(
 ) -> tuple[Denoiser, TrainResult]:
     """The denoiser (UNet, and the label token when the config has one)."""
     denoiser = Denoiser.for_model(dataclasses.replace(config, control=None))
-    result = train(denoiser, LDMLoss(config.cond_dropout), data, train_config, out_dir, **kwargs)
+    result = train(denoiser, LDMLoss.for_model(config), data, train_config, out_dir, **kwargs)
     denoiser.float().load_state_dict(result.ema)
     return denoiser, result
 
@@ -178,7 +182,7 @@ def train_controlnet(
     denoiser.unet.requires_grad_(False)
     if denoiser.label_embedding is not None:
         denoiser.label_embedding.requires_grad_(False)
-    loss_fn = loss_fn or LDMLoss(config.cond_dropout)
+    loss_fn = loss_fn or LDMLoss.for_model(config)
     result = train(denoiser, loss_fn, data, train_config, out_dir, **kwargs)
     denoiser = Denoiser.for_model(config)
     denoiser.load_state_dict({**result.ema, **frozen})

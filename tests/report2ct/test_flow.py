@@ -161,3 +161,32 @@ def test_the_test_denoiser_is_not_trivial(denoiser):
         torch.randn(1, 4, 8, 8, 4), torch.full((1,), 0.5), cond.null_context, cond.spacing_mm
     )
     assert not torch.allclose(v, v_null)
+
+
+def test_loss_drops_text_and_labels_independently_at_their_own_rates():
+    """The denoiser sees every mix of conditions: over many samples the text
+    is dropped at `cond_dropout`, the labels at `label_dropout`, and the two
+    draws are independent (each combination at the product of its rates)."""
+    from report2ct.loss import RectifiedFlowLoss
+
+    seen = {}
+
+    def spy(x_t, t, context, spacing_mm, labels=None):
+        seen["text"] = context.flatten(1).any(1)
+        seen["labels"] = labels.any(1)
+        return torch.zeros_like(x_t)
+
+    n = 20000
+    loss = RectifiedFlowLoss(cond_dropout=0.2, label_dropout=0.5)
+    loss(
+        spy,
+        torch.zeros(n, 1, 1, 1, 1),
+        torch.ones(n, 2, 3),
+        torch.ones(n, 3),
+        labels=torch.ones(n, 18),
+        generator=torch.Generator().manual_seed(0),
+    )
+    text, labels = seen["text"].float(), seen["labels"].float()
+    assert abs(text.mean() - 0.8) < 0.02 and abs(labels.mean() - 0.5) < 0.02
+    assert abs((text * labels).mean() - 0.4) < 0.02  # independent: 0.8 * 0.5
+    assert abs(((1 - text) * (1 - labels)).mean() - 0.1) < 0.02  # the unconditional share
