@@ -8,8 +8,11 @@ floor: the model draws some anatomy, not this one).
 
 Each case is phantom `seed` (findings at the phantom world's prevalence): its
 label map, its labels and its report; generated with mask + labels + report,
-with mask + labels only, and with labels + report and no mask. Prints the
-adherence table and RATIO lines (generated / phantom).
+with mask + labels only, and with labels + report and no mask. A fourth row
+passes the phantoms through the bundle's VAE (encode, decode): the best any
+latent the denoiser makes can score, since every volume is decoded by it.
+Prints the adherence table and RATIO lines (generated / phantom, generated /
+VAE reconstruction).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import json
 
 import numpy as np
 
-from evaluation.adherence import mask_adherence
+from evaluation.adherence import mask_adherence, through_vae
 from phantom.world import make_phantom
 from report2ct.bundle import load_bundle
 from report2ct.pipeline import generate
@@ -33,7 +36,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--bundle", default="report2ct/bundles/demo")
+    parser.add_argument("--bundle", default="report2ct/bundles/demo-control")
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--batch", type=int, default=4)
@@ -69,6 +72,7 @@ def main() -> None:
 
     variants = {
         "phantom (ceiling)": np.stack([p.volume_hu for p in phantoms]),
+        "phantom through the VAE": through_vae(model.codec, [p.volume_hu for p in phantoms]),
         "mask + labels + report": run(text=True, mask=True),
         "mask + labels": run(text=False, mask=True),
         "labels + report, no mask": run(text=True, mask=False),
@@ -89,11 +93,12 @@ def main() -> None:
             f"{result['in_body_interior']:9.3f}  "
             + " ".join(f"{_num(per.get(t, {}).get('fraction'))}" for t in tissues)
         )
-    ceiling = results["phantom (ceiling)"]
+    ceiling, codec = results["phantom (ceiling)"], results["phantom through the VAE"]
     for name in ("mask + labels + report", "mask + labels", "labels + report, no mask"):
         key = name.replace(" + ", "_").replace(", ", "_").replace(" ", "_")
         print(f"RATIO adherence_{key} {results[name]['overall']:.3f}")
         print(f"RATIO in_body_{key}_vs_phantom {results[name]['in_body'] / ceiling['in_body']:.3f}")
+        print(f"RATIO in_body_{key}_vs_vae {results[name]['in_body'] / codec['in_body']:.3f}")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2)

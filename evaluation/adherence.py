@@ -4,8 +4,9 @@ belongs to (the phantom world's legend: air, lung, fat, soft tissue, fluid,
 bone, calcification, metal) and whether the generated HU lies in that
 tissue's range.
 
-    result = mask_adherence(volume_hu, mask, classes)   # classes: value -> name
+    result = mask_adherence([(volume_hu, mask, classes)])   # classes: value -> name
     result["overall"], result["per_tissue"]["fluid"]["fraction"]
+    ceiling = mask_adherence((v, mask, classes) for v in through_vae(codec, [volume_hu]))
 
 Counted over every voxel and over *interior* voxels (each class's region
 eroded by one voxel), which leaves out the partial-volume rim where even a
@@ -33,6 +34,21 @@ TISSUE_HU: dict[str, tuple[float, float]] = {
     "calcification": (150.0, 3100.0),
     "metal": (500.0, 4000.0),  # the model's HU window ends at 1000
 }
+
+
+def through_vae(codec, volumes_hu) -> np.ndarray:
+    """The volumes encoded and decoded by a bundle's VAE: what its decoder
+    makes of the truth itself, the reference for volumes the same decoder
+    draws from generated latents (a bundle's practical ceiling)."""
+    import torch
+
+    with torch.no_grad():
+        return np.stack(
+            [
+                codec.decode(codec.encode(torch.from_numpy(v).float()[None, None]))[0, 0].numpy()
+                for v in volumes_hu
+            ]
+        )
 
 
 OUTSIDE = "outside_body"  # value 0: air around the patient, scored apart (it is most voxels)
