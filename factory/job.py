@@ -31,7 +31,10 @@ from factory.worker import GenerateWorker, WorkerOptions, materialize_bundle
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FATAL, EXIT_PARTIAL = 0, 2, 3
-DEFAULT_BUNDLE = Path(__file__).resolve().parents[1] / "report2ct" / "bundles" / "demo"
+BUNDLES = Path(__file__).resolve().parents[1] / "report2ct" / "bundles"
+DEFAULT_BUNDLE = BUNDLES / "demo"  # report text -> CT
+# The same recipe with the label token and a ControlNet (masks, labels alone).
+CONTROL_BUNDLE = BUNDLES / "demo-control"
 RECORDS_PER_PART = 1000
 # Ray Data's read and repartition tasks each ask for one CPU; on a CPU-only
 # cluster the actors leave that much free (their torch threads still use the

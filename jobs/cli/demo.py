@@ -3,7 +3,10 @@
 Starts a local Ray, generates the example reports (realistic CT-RATE-style
 and phantom-style, examples/reports.jsonl) with the committed demo bundle,
 two workers, to ./out/demo, with live progress, the summary table and PNG
-previews, as a user would first meet the factory.
+previews, as a user would first meet the factory; then the control examples
+(labels alone, label maps drawn by the phantom world: examples/control.jsonl)
+with the demo-control bundle to ./out/demo-control, whose volumes carry
+their masks.
 """
 
 from pathlib import Path
@@ -23,37 +26,43 @@ def demo(
         None, "--steps", min=1, help="sampling steps (default: the bundle's)"
     ),
 ) -> None:
-    """Generate the example reports with the demo bundle (local Ray, 2 workers)."""
+    """Generate the example reports with the demo bundles (local Ray, 2 workers)."""
     from rich.console import Console
 
     from factory.cli_support import run_with_progress
-    from factory.job import DEFAULT_BUNDLE, GenerateOptions
+    from factory.job import CONTROL_BUNDLE, DEFAULT_BUNDLE, GenerateOptions
 
     console = Console()
-    if not (DEFAULT_BUNDLE / "SHA256SUMS").exists():
+    jobs = [
+        ("demo", "reports.jsonl", DEFAULT_BUNDLE),
+        ("demo-control", "control.jsonl", CONTROL_BUNDLE),
+    ]
+    codes = []
+    for run, name, bundle in jobs:
+        if not (bundle / "SHA256SUMS").exists():
+            console.print(f"[red]no bundle at {bundle}[/red]: build it with `make demo-bundle`")
+            raise typer.Exit(2)
+        manifest = ROOT / "examples" / name
         console.print(
-            f"[red]no demo bundle at {DEFAULT_BUNDLE}[/red]: build it with `make demo-bundle`"
+            f"[bold]ct-factory demo[/bold]: {manifest.relative_to(ROOT)} -> {out}/{run} "
+            f"(bundle {bundle.relative_to(ROOT)}, {workers} workers on a local Ray)"
         )
-        raise typer.Exit(2)
-    manifest = ROOT / "examples" / "reports.jsonl"
-    console.print(
-        f"[bold]ct-factory demo[/bold]: {manifest.relative_to(ROOT)} -> {out}/demo "
-        f"(bundle {DEFAULT_BUNDLE.relative_to(ROOT)}, {workers} workers on a local Ray)"
-    )
-    options = GenerateOptions(
-        manifest=str(manifest),
-        output=str(out),
-        run="demo",
-        workers=workers,
-        num_steps=steps,
-        preview=True,
-        nifti=True,
-    )
-    code = run_with_progress(options)
-    previews = sorted((out / "demo" / "previews").glob("*.png"))
-    if previews:
-        console.print(
-            f"previews: {previews[0].parent}/ ({len(previews)} PNGs: axial, coronal, sagittal; "
-            "lung and mediastinal windows)"
+        options = GenerateOptions(
+            manifest=str(manifest),
+            output=str(out),
+            run=run,
+            bundle=str(bundle),
+            workers=workers,
+            num_steps=steps,
+            preview=True,
+            nifti=True,
         )
+        codes.append(run_with_progress(options))
+        previews = sorted((out / run / "previews").glob("*.png"))
+        if previews:
+            console.print(
+                f"previews: {previews[0].parent}/ ({len(previews)} PNGs: axial, coronal, "
+                "sagittal; lung and mediastinal windows)"
+            )
+    code = max(codes)
     raise typer.Exit(code)

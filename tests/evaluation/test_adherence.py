@@ -4,7 +4,7 @@ volume against someone else's map scores far lower."""
 
 import pytest
 
-from evaluation.adherence import mask_adherence
+from evaluation.adherence import mask_adherence, through_vae
 from phantom.legend import BY_NAME, LABELS
 from phantom.world import make_phantom
 
@@ -53,3 +53,40 @@ def test_someone_elses_mask_scores_far_lower(phantoms):
     assert other["in_body"] < own["in_body"] - 0.05, (own["in_body"], other["in_body"])
     with pytest.raises(ValueError, match="not one grid"):
         mask_adherence([(phantoms[0].volume_hu, phantoms[0].mask[:-1], CLASSES)])
+
+
+@pytest.mark.slow
+def test_demo_control_bundle_follows_the_map():
+    """Measured with bench/bench_mask_adherence.py over 16 phantoms: see
+    docs/masks.md. Here two phantoms' maps: the ControlNet puts tissue where
+    the map says far better than the same request without it, and about as
+    well as the bundle's own VAE reproduces the phantoms themselves (every
+    generated volume is decoded by it: the ceiling for this bundle)."""
+    from report2ct.bundle import load_bundle
+    from report2ct.pipeline import generate
+
+    model = load_bundle("report2ct/bundles/demo-control")
+    config = model.config
+    classes = dict(config.control.legend)
+    shape, spacing = config.default_shape, config.default_spacing_mm
+    cases = [make_phantom(seed, shape=shape, spacing_mm=spacing) for seed in (9100, 9101)]
+
+    def adherence(volumes):
+        return mask_adherence((v, p.mask, classes) for v, p in zip(volumes, cases, strict=True))
+
+    def generated(*, mask: bool):
+        return generate(
+            model,
+            findings=[p.findings for p in cases],
+            impressions=[p.impression for p in cases],
+            labels=[p.labels for p in cases],
+            masks=[p.mask for p in cases] if mask else None,
+            spacings_mm=[spacing] * len(cases),
+            seeds=[p.seed for p in cases],
+        ).volumes_hu
+
+    with_map, without = adherence(generated(mask=True)), adherence(generated(mask=False))
+    ceiling = adherence(through_vae(model.codec, [p.volume_hu for p in cases]))
+    assert with_map["in_body"] > without["in_body"] + 0.03, (with_map, without)
+    assert with_map["in_body"] > 0.9 * ceiling["in_body"], (with_map, ceiling)
+    assert with_map["per_tissue"]["lung"]["fraction"] > 0.95, with_map

@@ -139,3 +139,30 @@ def test_mask_records_validate_against_a_model_with_a_controlnet():
     assert all(isinstance(row, ManifestRecord) and row.has_mask for row in rows[:3]), rows
     assert isinstance(rows[3], Rejection) and rows[3].id == "d"
     assert "cannot draw ['Bronchiectasis']" in rows[3].reason
+
+
+@pytest.mark.parametrize(
+    ("manifest", "bundle"), [("reports.jsonl", "demo"), ("control.jsonl", "demo-control")]
+)
+def test_examples_validate_against_the_committed_bundles(manifest, bundle):
+    """`make demo` runs each example manifest on its committed bundle: every
+    line must pass; the control examples ask by labels alone and by drawn masks,
+    which the text bundle refuses."""
+    from pathlib import Path
+
+    from report2ct.bundle import read_config
+
+    root = Path(__file__).resolve().parents[2]
+    raw = (root / "examples" / manifest).read_bytes().splitlines()
+
+    def rejected(name):
+        config = read_config(root / "report2ct" / "bundles" / name)
+        results = [result for _, result in read_manifest(iter(raw), config=config)]
+        return results, [r for r in results if isinstance(r, Rejection)]
+
+    results, rejections = rejected(bundle)
+    assert rejections == []
+    if bundle == "demo-control":
+        assert any(r.findings is None and r.impression is None for r in results)  # labels alone
+        assert any(r.mask_source == "phantom" for r in results)
+        assert len(rejected("demo")[1]) == len(raw)
