@@ -9,8 +9,8 @@ floor: the model draws some anatomy, not this one).
 Each case is phantom `seed` (findings at the phantom world's prevalence): its
 label map, its labels and its report; generated with mask + labels + report,
 with mask + labels only, and with labels + report and no mask. A fourth row
-passes the phantoms through the bundle's VAE (encode, decode): the best any
-latent the denoiser makes can score, since every volume is decoded by it.
+passes the phantoms through the bundle's VAE (encode, decode): what its
+decoder, which draws every generated volume, makes of the truth itself.
 Prints the adherence table and RATIO lines (generated / phantom, generated /
 VAE reconstruction).
 """

@@ -37,11 +37,12 @@ def demo(
         ("demo", "reports.jsonl", DEFAULT_BUNDLE),
         ("demo-control", "control.jsonl", CONTROL_BUNDLE),
     ]
-    codes = []
-    for run, name, bundle in jobs:
+    for _, _, bundle in jobs:  # both present before either job starts
         if not (bundle / "SHA256SUMS").exists():
             console.print(f"[red]no bundle at {bundle}[/red]: build it with `make demo-bundle`")
             raise typer.Exit(2)
+    codes = []
+    for run, name, bundle in jobs:
         manifest = ROOT / "examples" / name
         console.print(
             f"[bold]ct-factory demo[/bold]: {manifest.relative_to(ROOT)} -> {out}/{run} "

@@ -155,14 +155,14 @@ def test_examples_validate_against_the_committed_bundles(manifest, bundle):
     root = Path(__file__).resolve().parents[2]
     raw = (root / "examples" / manifest).read_bytes().splitlines()
 
-    def rejected(name):
+    def validate(name):
         config = read_config(root / "report2ct" / "bundles" / name)
         results = [result for _, result in read_manifest(iter(raw), config=config)]
         return results, [r for r in results if isinstance(r, Rejection)]
 
-    results, rejections = rejected(bundle)
+    results, rejections = validate(bundle)
     assert rejections == []
     if bundle == "demo-control":
         assert any(r.findings is None and r.impression is None for r in results)  # labels alone
         assert any(r.mask_source == "phantom" for r in results)
-        assert len(rejected("demo")[1]) == len(raw)
+        assert len(validate("demo")[1]) == len(raw)
