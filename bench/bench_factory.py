@@ -40,12 +40,12 @@ VALIDATE = """
 import json, resource, sys, tempfile
 from pathlib import Path
 from factory.job import GenerateOptions, _validate
-from factory.storage import Storage
+from factory.storage import open_storage
 from report2ct.bundle import read_config
 config = read_config(sys.argv[2])
 with tempfile.TemporaryDirectory() as out, tempfile.TemporaryDirectory() as scratch:
     options = GenerateOptions(manifest=sys.argv[1], output=out)
-    parts, rejections, volumes = _validate(options, config, Storage(out + "/run"), Path(scratch))
+    parts, rejections, volumes = _validate(options, config, open_storage(out + "/run"), Path(scratch))
 print(json.dumps({"volumes": volumes, "rejected": len(rejections),
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """

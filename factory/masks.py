@@ -47,12 +47,8 @@ class ResolvedMask:
     labels: dict[str, int] | None = field(default=None)  # the findings a phantom mask draws
 
 
-def _local_path(uri: str) -> str:
-    return uri.removeprefix("file://")
-
-
 def read_bytes(uri: str) -> bytes:
-    store, key = storage_for(_local_path(uri))
+    store, key = storage_for(uri)
     return store.read_bytes(key)
 
 
@@ -92,7 +88,7 @@ def _read_nifti(data: bytes) -> tuple[np.ndarray, tuple[float, float, float]]:
 def _read_ome_zarr(uri: str) -> tuple[np.ndarray, tuple[float, float, float], str]:
     from factory.reader import open_group
 
-    group = open_group(_local_path(uri))
+    group = open_group(uri)
     try:
         multiscale = group.attrs["ome"]["multiscales"][0]
         axes = [axis["name"] for axis in multiscale["axes"]]

@@ -19,22 +19,14 @@ import zarr
 from torch.utils.data import Dataset
 
 from factory import commit
-from factory.storage import Storage, is_s3, storage_for
+from factory.storage import open_storage, storage_for
 from factory.writer import MASK_LABEL
 from report2ct.labels import CTRATE_LABELS
 
 
 def open_group(uri: str) -> zarr.Group:
     """An OME-Zarr group, local or on S3 (read-only)."""
-    if is_s3(uri):
-        from zarr.core.buffer import default_buffer_prototype
-
-        # A volume is a few objects (shards + metadata): fetch them with the
-        # factory's own S3 client (same retries, same settings) into memory.
-        storage, buffer = Storage(uri), default_buffer_prototype().buffer
-        objects = {key: buffer.from_bytes(storage.read_bytes(key)) for key in storage.list("")}
-        return zarr.open_group(store=zarr.storage.MemoryStore(objects), mode="r")
-    return zarr.open_group(uri, mode="r")
+    return zarr.open_group(store=open_storage(uri).zarr_store(mode="r"), mode="r")
 
 
 def _image_xyz(group: zarr.Group) -> tuple[np.ndarray, tuple[float, float, float]]:
@@ -75,7 +67,7 @@ class GeneratedVolumes(Dataset):
         store, key = storage_for(index_uri)
         self.entries = [json.loads(line) for line in store.iter_lines(key) if line.strip()]
         if check_commits:
-            run = Storage(index_uri.rsplit("/", 1)[0])
+            run = open_storage(index_uri.rsplit("/", 1)[0])
             self.entries = [e for e in self.entries if run.exists(commit.commit_path(e["key"]))]
 
     def __len__(self) -> int:

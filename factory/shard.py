@@ -13,7 +13,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from factory.storage import Storage, storage_for
+from factory.storage import open_storage, storage_for
 
 
 def shard_of(line: bytes, num_shards: int) -> int:
@@ -31,7 +31,7 @@ def shard_name(index: int, num_shards: int) -> str:
 def shard_manifest(manifest: str, output: str, num_shards: int) -> dict[str, int]:
     """Write <output>/shard-0000i-of-0000N.jsonl; returns {shard uri: records}."""
     store, key = storage_for(manifest)
-    out = Storage(output)
+    out = open_storage(output)
     counts = [0] * num_shards
     with tempfile.TemporaryDirectory() as scratch:
         paths = [Path(scratch) / shard_name(i, num_shards) for i in range(num_shards)]

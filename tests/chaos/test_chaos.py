@@ -81,10 +81,10 @@ def test_three_actor_kills_in_a_24_record_job(
     from typer.testing import CliRunner
 
     from factory.commit import find_leftovers
-    from factory.storage import Storage
+    from factory.storage import open_storage
     from jobs.cli import app
 
-    run = Storage(f"s3://{s3_bucket}/out/chaos24")
+    run = open_storage(f"s3://{s3_bucket}/out/chaos24")
     assert len(find_leftovers(run)) >= 1
     cleaned = CliRunner().invoke(app, ["cleanup", f"s3://{s3_bucket}/out/chaos24"])
     assert cleaned.exit_code == 0 and "leftover objects removed" in cleaned.output

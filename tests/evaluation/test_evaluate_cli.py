@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from evaluation.data import phantom_cases
 from factory import commit
-from factory.storage import Storage
+from factory.storage import open_storage
 from factory.writer import write_ome_zarr
 from jobs.cli import app
 from phantom.ctrate_layout import DatasetSpec, write_dataset
@@ -23,7 +23,7 @@ def write_generated_run(run_dir, cases):
     """A job run as the factory leaves it: volumes, commit markers, index.jsonl.
     Generated volumes are held-out-like phantoms at another spacing (so
     resampling from metadata is exercised), one of them never committed."""
-    run = Storage(str(run_dir))
+    run = open_storage(str(run_dir))
     lines = []
     for i, case in enumerate(cases):
         key = case.id

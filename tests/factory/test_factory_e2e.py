@@ -149,9 +149,9 @@ def test_killed_actors_still_commit_every_record_exactly_once(
     # The killed attempts left data no commit names: invisible, then cleaned.
     from factory.commit import cleanup, find_leftovers
     from factory.reader import GeneratedVolumes
-    from factory.storage import Storage
+    from factory.storage import open_storage
 
-    run = Storage(f"s3://{s3_bucket}/out/chaos")
+    run = open_storage(f"s3://{s3_bucket}/out/chaos")
     leftovers = find_leftovers(run)
     assert len(leftovers) == 2
     assert all(r["uri"].split("/out/chaos/")[1] not in leftovers for r in index)
