@@ -69,7 +69,7 @@ def pure_seconds_per_volume(n: int, bundle: str, gpus: float) -> float:
     import torch
 
     from report2ct.bundle import load_bundle
-    from report2ct.pipeline import generate
+    from report2ct.pipeline import VolumeRequest, generate
 
     torch.set_num_threads(1)
     model = load_bundle(bundle, device="cuda" if gpus and torch.cuda.is_available() else "cpu")
@@ -77,13 +77,10 @@ def pure_seconds_per_volume(n: int, bundle: str, gpus: float) -> float:
     times = []
     for i in range(n + 1):  # the first call warms up
         start = time.perf_counter()
-        generate(
-            model,
-            findings=[REPORT["findings"]],
-            impressions=[REPORT["impression"]],
-            spacings_mm=[spacing],
-            seeds=[i],
+        request = VolumeRequest(
+            seed=i, findings=REPORT["findings"], impression=REPORT["impression"], spacing_mm=spacing
         )
+        generate(model, [request])
         times.append(time.perf_counter() - start)
     torch.set_num_threads(os.cpu_count() or 1)
     return sum(times[1:]) / n

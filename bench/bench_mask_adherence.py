@@ -25,7 +25,7 @@ import numpy as np
 from evaluation.adherence import mask_adherence, through_vae
 from phantom.world import make_phantom
 from report2ct.bundle import load_bundle
-from report2ct.pipeline import generate
+from report2ct.pipeline import VolumeRequest, generate
 
 
 def _num(value: float | None) -> str:
@@ -59,12 +59,17 @@ def main() -> None:
             out.append(
                 generate(
                     model,
-                    findings=[p.findings if text else None for p in chunk],
-                    impressions=[p.impression if text else None for p in chunk],
-                    labels=[p.labels for p in chunk],
-                    masks=[p.mask for p in chunk] if mask else None,
-                    spacings_mm=[spacing] * len(chunk),
-                    seeds=[p.seed for p in chunk],
+                    [
+                        VolumeRequest(
+                            seed=p.seed,
+                            findings=p.findings if text else None,
+                            impression=p.impression if text else None,
+                            labels=p.labels,
+                            spacing_mm=spacing,
+                            mask=p.mask if mask else None,
+                        )
+                        for p in chunk
+                    ],
                     num_steps=args.steps,
                 ).volumes_hu
             )

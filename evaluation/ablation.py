@@ -59,13 +59,6 @@ def guidance_variants(
     return rows + [Variant(f"{prefix}guidance s={s:g}", bundle, s) for s in scales_on]
 
 
-def encoder_variants(
-    bundles: Mapping[str, str], *, guidance_scale: float = GUIDANCE_ON[-1]
-) -> list[Variant]:
-    """One variant per bundle, e.g. {"one encoder": a, "several encoders": b}."""
-    return [Variant(name, path, guidance_scale) for name, path in bundles.items()]
-
-
 def generate_cases(
     model: Any,
     guidance_scale: float,
@@ -79,7 +72,8 @@ def generate_cases(
     """Generate one volume per manifest record (the `ctfactory generate` input
     format, validated by the factory's own model) with a loaded `Report2CT`,
     conditioned on the records' text, labels or both (`ask_by`)."""
-    from report2ct.pipeline import generate
+    from report2ct.pipeline import VolumeRequest, generate
+    from report2ct.rng import volume_seed
 
     if ask_by not in ASK_BY:
         raise ValueError(f"ask_by {ask_by!r}: choose from {', '.join(ASK_BY)}")
@@ -88,21 +82,29 @@ def generate_cases(
     cases = []
     for start in range(0, len(parsed), batch_size):
         chunk = parsed[start : start + batch_size]
-        spacings = [r.spacing_mm or model.config.default_spacing_mm for r in chunk]
+        requests = [
+            VolumeRequest(
+                # The factory's seed rule: the same record gives the same
+                # volume here, in every variant and in a generate job.
+                seed=volume_seed(r.id, r.seed),
+                findings=r.findings if text else None,
+                impression=r.impression if text else None,
+                labels=r.labels if labels else None,
+                spacing_mm=r.spacing_mm,
+            )
+            for r in chunk
+        ]
         result = generate(
             model,
-            findings=[r.findings if text else None for r in chunk],
-            impressions=[r.impression if text else None for r in chunk],
-            labels=[r.labels for r in chunk] if labels else None,
-            spacings_mm=spacings,
-            # Same seed per record in every variant: differences are the variant's.
-            seeds=[r.seed if r.seed is not None else start + i for i, r in enumerate(chunk)],
+            requests,
             shape=shape,
             guidance_scale=guidance_scale,
             num_steps=num_steps,
             precision="fp32",
         )
-        for record, volume, spacing in zip(chunk, result.volumes_hu, spacings, strict=True):
+        for record, volume, spacing in zip(
+            chunk, result.volumes_hu, result.spacings_mm, strict=True
+        ):
             cases.append(
                 Case(
                     id=record.id,

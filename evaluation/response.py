@@ -92,27 +92,24 @@ def paired_response(
     the same seed's request with `finding` minus without it. `by="text"`
     asks with the phantom's report; `by="labels"` with the labels alone
     (the rendered findings all given: the finding 1, the others 0)."""
-    from report2ct.pipeline import generate
+    from report2ct.pipeline import VolumeRequest, generate
 
     if by not in ASKED_BY:
         raise ValueError(f"by must be one of {ASKED_BY}, got {by!r}")
     spacing = model.config.default_spacing_mm
     voxel_ml = float(np.prod(spacing)) / 1000
 
+    def request(seed: int, requested: dict[str, int]) -> VolumeRequest:
+        if by == "labels":
+            return VolumeRequest(seed=seed, labels=requested, spacing_mm=spacing)
+        findings, impression = phantom_report(seed, requested)
+        return VolumeRequest(
+            seed=seed, findings=findings, impression=impression, spacing_mm=spacing
+        )
+
     def volumes(requested: dict[str, int]):
-        if by == "text":
-            reports = [phantom_report(s, requested) for s in seeds]
-            text = {"findings": [f for f, _ in reports], "impressions": [i for _, i in reports]}
-        else:
-            text = {"findings": [None] * len(seeds), "impressions": [None] * len(seeds)}
-        return generate(
-            model,
-            **text,
-            labels=[requested] * len(seeds) if by == "labels" else None,
-            spacings_mm=[spacing] * len(seeds),
-            seeds=list(seeds),
-            num_steps=num_steps,
-        ).volumes_hu
+        requests = [request(seed, requested) for seed in seeds]
+        return generate(model, requests, num_steps=num_steps).volumes_hu
 
     if normal is None:
         normal = volumes(NONE)

@@ -45,6 +45,7 @@ from pydantic import (
 
 from report2ct.config import ModelConfig
 from report2ct.labels import CTRATE_LABELS
+from report2ct.rng import volume_seed
 
 MAX_LINE_BYTES = 1 << 20  # 1 MiB: CT-RATE reports are a few KB; anything near this is not a report
 MAX_TEXT_CHARS = 64_000
@@ -147,12 +148,10 @@ class ManifestRecord(BaseModel):
     def label_vector(self) -> list[int]:
         return [int(self.labels.get(name, 0)) for name in CTRATE_LABELS]
 
-    def resolved_seed(self) -> int:
-        """The record's seed, or one derived from its id: a rerun, a retry or
-        another worker count always regenerates the same volume."""
-        if self.seed is not None:
-            return self.seed
-        return int.from_bytes(hashlib.sha256(self.id.encode()).digest()[:6], "big")
+    def sample_seed(self, sample: int = 0) -> int:
+        """The seed of one of the record's samples (`report2ct.rng.volume_seed`):
+        a rerun, a retry or another worker count regenerates the same volume."""
+        return volume_seed(self.id, self.seed, sample)
 
 
 @dataclass(frozen=True)

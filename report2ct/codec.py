@@ -19,6 +19,9 @@ from torch import nn
 from report2ct.config import VAEConfig
 
 HU_WINDOW: tuple[float, float] = (-1000.0, 1000.0)
+# Sliding-window decode tile, in latent voxels per axis: latents up to this
+# size decode whole, larger ones in overlapping tiles of this size.
+DECODE_TILE_LATENT = 32
 
 
 def hu_to_unit(hu: torch.Tensor) -> torch.Tensor:
@@ -83,8 +86,18 @@ class LatentCodec(nn.Module):
         """Scaled latent -> HU, decoded whole."""
         return unit_to_hu(self.vae.decode(latent / self.latent_scale))
 
+    def decode_volume(self, latent: torch.Tensor) -> torch.Tensor:
+        """Scaled latent -> HU: whole when it fits one tile, tiled otherwise."""
+        if max(latent.shape[2:]) > DECODE_TILE_LATENT:
+            return self.decode_tiled(latent)
+        return self.decode(latent)
+
     def decode_tiled(
-        self, latent: torch.Tensor, *, tile_latent: int = 16, overlap: float = 0.25
+        self,
+        latent: torch.Tensor,
+        *,
+        tile_latent: int = DECODE_TILE_LATENT,
+        overlap: float = 0.25,
     ) -> torch.Tensor:
         """Scaled latent -> HU in overlapping tiles of `tile_latent`^3 latent
         voxels blended with Gaussian weights: memory bounded by the tile, not

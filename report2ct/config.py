@@ -22,10 +22,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 Shape = tuple[int, int, int]  # (X, Y, Z) voxels
 Spacing = tuple[float, float, float]  # (x, y, z) millimetres
+# Autocast precision of sampling; the names every options type and CLI accept.
+Precision = Literal["bf16", "fp16", "fp32"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+# Samplers (report2ct.flow.SAMPLERS implements each).
+SamplerMethod = Literal["euler", "heun"]
+SAMPLER_METHODS: tuple[str, ...] = get_args(SamplerMethod)
 
 
 @dataclass(frozen=True)
@@ -103,7 +109,7 @@ class ControlConfig:
 class SamplerConfig:
     """Sampling defaults; a job or a record may override steps and guidance."""
 
-    method: str = "euler"  # "euler" | "heun"
+    method: SamplerMethod = "euler"
     num_steps: int = 30
     guidance_scale: float = 5.0
     timestep_transform: bool = False  # MAISI's resolution-dependent shift

@@ -26,6 +26,7 @@ from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import (
 )
 from torch import nn
 
+from report2ct.condition import empty
 from report2ct.config import ControlConfig, ModelConfig, UNetConfig
 from report2ct.labels import NUM_LABELS
 
@@ -119,7 +120,7 @@ class Denoiser(nn.Module):
         context = context.to(dtype)
         if self.label_embedding is not None:
             if labels is None:
-                labels = torch.zeros(len(x_t), NUM_LABELS, device=x_t.device)
+                labels = empty(len(x_t), NUM_LABELS, device=x_t.device)
             token = self.label_embedding(labels.to(dtype=self.label_embedding.weight.dtype))
             context = torch.cat([context, token.to(dtype)[:, None]], dim=1)
         elif labels is not None and labels.any():

@@ -14,33 +14,10 @@ says, the mask fixes where things are.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
 import torch
 from monai.networks.schedulers.rectified_flow import timestep_transform
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class Condition:
-    context: torch.Tensor  # (B, 2, D) report tokens
-    null_context: torch.Tensor  # (B, 2, D) the empty condition
-    spacing_mm: torch.Tensor  # (B, 3)
-    labels: torch.Tensor | None = None  # (B, 18) +1 / -1 / 0; the empty condition is 0
-    control: torch.Tensor | None = None  # (B, K, x, y, z) mask-class occupancy
-
-    def optional(self, *, guided: bool) -> dict[str, torch.Tensor]:
-        """The denoiser's optional inputs, for one half (B) or both (2B)."""
-        extra = {}
-        if self.labels is not None:
-            extra["labels"] = (
-                torch.cat([self.labels, torch.zeros_like(self.labels)]) if guided else self.labels
-            )
-        if self.control is not None:
-            extra["control"] = torch.cat([self.control, self.control]) if guided else self.control
-        return extra
+from report2ct.condition import Condition, VelocityModel
 
 
 def linear_times(num_steps: int) -> torch.Tensor:
@@ -69,27 +46,21 @@ def shifted_times(
 
 
 def guided_velocity(
-    denoiser: Denoiser, x: torch.Tensor, t: float, cond: Condition, guidance_scale: float
+    denoiser: VelocityModel, x: torch.Tensor, t: float, cond: Condition, guidance_scale: float
 ) -> torch.Tensor:
     """Velocity at (x, t), guided; one forward of batch 2B when guided."""
     batch = x.shape[0]
     if guidance_scale == 1.0:  # plain conditional: no unconditional half needed
         t_vec = torch.full((batch,), t, device=x.device, dtype=x.dtype)
-        return denoiser(x, t_vec, cond.context, cond.spacing_mm, **cond.optional(guided=False))
+        return denoiser(x, t_vec, **cond.inputs(guided=False))
     t_vec = torch.full((2 * batch,), t, device=x.device, dtype=x.dtype)
-    v = denoiser(
-        torch.cat([x, x]),
-        t_vec,
-        torch.cat([cond.context, cond.null_context]),
-        torch.cat([cond.spacing_mm, cond.spacing_mm]),
-        **cond.optional(guided=True),
-    ).float()
+    v = denoiser(torch.cat([x, x]), t_vec, **cond.inputs(guided=True)).float()
     v_cond, v_uncond = v[:batch], v[batch:]
     return v_uncond + guidance_scale * (v_cond - v_uncond)
 
 
 def euler_sample(
-    denoiser: Denoiser,
+    denoiser: VelocityModel,
     noise: torch.Tensor,
     cond: Condition,
     times: torch.Tensor,
@@ -104,7 +75,7 @@ def euler_sample(
 
 
 def heun_sample(
-    denoiser: Denoiser,
+    denoiser: VelocityModel,
     noise: torch.Tensor,
     cond: Condition,
     times: torch.Tensor,

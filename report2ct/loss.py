@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from report2ct.flow import Denoiser
+from report2ct.condition import VelocityModel, drop
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class RectifiedFlowLoss:
 
     def __call__(
         self,
-        denoiser: Denoiser,
+        denoiser: VelocityModel,
         x0: torch.Tensor,  # (B, C, x, y, z) clean scaled latents
         context: torch.Tensor,  # (B, 2, D)
         spacing_mm: torch.Tensor,  # (B, 3)
@@ -49,12 +49,12 @@ class RectifiedFlowLoss:
         t_b = t.view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
         x_t = (1 - t_b) * x0 + t_b * noise
         keep = torch.rand(batch, generator=generator, device=device) >= self.cond_dropout
-        context = context * keep.view(-1, 1, 1).to(context.dtype)  # dropped -> zeros = null context
+        context = drop(context, keep)
         optional = {} if control is None else {"control": control}
         if labels is not None:
             keep_labels = (
                 torch.rand(batch, generator=generator, device=device) >= self.label_dropout
             )
-            optional["labels"] = labels * keep_labels.view(-1, 1).to(labels.dtype)
+            optional["labels"] = drop(labels, keep_labels)
         v = denoiser(x_t, t.to(x0.dtype), context, spacing_mm, **optional)
         return torch.mean((v.float() - (x0 - noise).float()) ** 2)

@@ -1,15 +1,16 @@
 """The model as one object, and the one sampling entry point.
 
     model = load_bundle("bundles/demo")
-    result = generate(model, findings=[...], impressions=[...],
-                      spacings_mm=[(4, 4, 5)], seeds=[7], precision="bf16")
+    result = generate(model, [VolumeRequest(seed=7, findings="...", impression="...",
+                                            spacing_mm=(4, 4, 5))], precision="bf16")
     result.volumes_hu  # (B, X, Y, Z) int16 HU, RAS+ axes
 
 `generate` = text encoding (cached) -> per-sample noise -> guided sampling of
-latents under autocast -> decode (tiled when large) -> int16 HU.
-A record may give its report, its CT-RATE labels, or both (when the model has
-the label condition), and a label map on the output grid (when the model has
-a ControlNet): `labels=[{"Pleural effusion": 1}]`, `masks=[label_map]`.
+latents under autocast -> decode (tiled when large, by the codec) -> int16 HU.
+A request may give its report, its CT-RATE labels, or both (when the model
+has the label condition), and a label map on the output grid (when the model
+has a ControlNet): `VolumeRequest(..., labels={"Pleural effusion": 1},
+mask=label_map)`.
 """
 
 from __future__ import annotations
@@ -27,15 +28,16 @@ import torch
 from torch import nn
 
 from report2ct.codec import LatentCodec
-from report2ct.config import ModelConfig, Shape, Spacing
+from report2ct.condition import Condition
+from report2ct.config import PRECISIONS, ModelConfig, Precision, SamplerMethod, Shape, Spacing
 from report2ct.control import MaskError, class_occupancy, to_class_index
 from report2ct.denoiser import Denoiser
-from report2ct.flow import SAMPLERS, Condition, linear_times, shifted_times
+from report2ct.flow import SAMPLERS, linear_times, shifted_times
 from report2ct.labels import signed_labels
 from report2ct.rng import per_sample_randn
 from report2ct.text import TextConditioner
 
-PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
 def code_version() -> str:
@@ -114,6 +116,39 @@ def weight_modules(codec: LatentCodec, denoiser: Denoiser) -> dict[str, nn.Modul
     return modules
 
 
+@dataclass(frozen=True, eq=False)
+class VolumeRequest:
+    """One volume to sample. It depends only on the model and these fields,
+    never on the batch it rides in.
+
+    A request asks by its report (a missing section is None), by CT-RATE
+    labels ({name: 0/1}; names not given are left to the model), or both,
+    and optionally follows a label map on the output grid (`mask`, (X, Y, Z)
+    integers in the model's legend, or in one `mask_mapping` declares).
+    `spacing_mm` None is the model's default spacing."""
+
+    seed: int
+    findings: str | None = None
+    impression: str | None = None
+    labels: Mapping[str, int] | None = None
+    spacing_mm: Spacing | None = None
+    mask: np.ndarray | None = None
+    mask_mapping: Mapping[int, str] | None = None
+
+    def spacing(self, config: ModelConfig) -> Spacing:
+        return tuple(float(v) for v in (self.spacing_mm or config.default_spacing_mm))
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How to sample; None takes the bundle's default (config.sampler)."""
+
+    num_steps: int | None = None
+    guidance_scale: float | None = None
+    precision: Precision = "bf16"
+    method: SamplerMethod | None = None
+
+
 @dataclass
 class GenerationResult:
     volumes_hu: np.ndarray  # (B, X, Y, Z) int16
@@ -124,10 +159,15 @@ class GenerationResult:
     sampler: dict[str, Any] = field(default_factory=dict)
 
 
+class NonFiniteOutput(ValueError):
+    """The model produced NaN or Inf: the volumes would be meaningless (a
+    model whose training diverged), so they are refused, never cast to 0 HU."""
+
+
 def autocast(device: torch.device, precision: str):
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    dtype = PRECISIONS[precision]
+    dtype = AUTOCAST_DTYPES[precision]
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
@@ -147,93 +187,59 @@ def schedule(config: ModelConfig, num_steps: int, latent_shape: Sequence[int]) -
 @torch.inference_mode()
 def generate(
     model: Report2CT,
+    requests: Sequence[VolumeRequest],
     *,
-    findings: Sequence[str | None],
-    impressions: Sequence[str | None],
-    spacings_mm: Sequence[Spacing],
-    seeds: Sequence[int],
     shape: Shape | None = None,
-    guidance_scale: float | None = None,
     num_steps: int | None = None,
-    precision: str = "bf16",
-    labels: Sequence[Mapping[str, int] | None] | None = None,
-    masks: Sequence[np.ndarray] | None = None,
-    mask_mappings: Sequence[Mapping[int, str] | None] | None = None,
-    method: str | None = None,
-    decode_tile_latent: int = 32,
+    guidance_scale: float | None = None,
+    precision: Precision = "bf16",
+    method: SamplerMethod | None = None,
 ) -> GenerationResult:
-    """Sample one HU volume per report. Each volume depends only on the
-    model, its own report (None: no such section), labels ({name: 0/1},
-    names not given left to the model), mask, spacing and seed (not on the
-    batch). `masks` are (X, Y, Z) integer label maps on the output grid, in
-    the model's legend or in one `mask_mappings` declares."""
+    """Sample one int16 HU volume of `shape` (default: the model's) per
+    request. Steps, guidance and method default to the bundle's sampler."""
     config = model.config
-    batch = len(findings)
-    if not (len(impressions) == len(spacings_mm) == len(seeds) == batch) or batch == 0:
-        raise ValueError("findings, impressions, spacings_mm and seeds need one entry per volume")
+    if not requests:
+        raise ValueError("generate needs at least one request")
     shape = tuple(shape or config.default_shape)
-    for spacing in spacings_mm:
-        config.check_output(shape, tuple(spacing))
-    label_rows = [signed_labels(row) for row in (labels or [None] * batch)]
-    if len(label_rows) != batch:
-        raise ValueError("labels need one entry per volume")
-    if any(any(row) for row in label_rows) and not config.label_condition:
-        raise ValueError(f"model {config.name!r} has no label condition: ask by text")
-    for i, (finding, impression, row) in enumerate(
-        zip(findings, impressions, label_rows, strict=True)
-    ):
-        if finding is None and impression is None and not any(row):
-            raise ValueError(f"volume {i}: neither a report nor labels to generate from")
-    control = _control(config, masks, mask_mappings, shape, batch)
+    spacings = [request.spacing(config) for request in requests]
+    for spacing in spacings:
+        config.check_output(shape, spacing)
     guidance_scale = config.sampler.guidance_scale if guidance_scale is None else guidance_scale
     num_steps = num_steps or config.sampler.num_steps
     method = method or config.sampler.method
     device = model.device
-    timings: dict[str, float] = {}
 
     start = time.perf_counter()
-    if model.conditioner is None:
-        raise RuntimeError("this Report2CT was built without text encoders")
-    context = model.conditioner.encode(list(findings), list(impressions)).to(device)  # (B, 2, D)
-    cond = Condition(
-        context=context,
-        null_context=model.conditioner.null_context(batch).to(device),
-        spacing_mm=torch.tensor(spacings_mm, dtype=torch.float32, device=device),  # (B, 3)
-        labels=torch.tensor(label_rows, device=device) if config.label_condition else None,
-        control=None if control is None else control.to(device),
-    )
-    timings["text"] = time.perf_counter() - start
+    cond = _condition(model, requests, shape, spacings)
+    timings = {"text": _elapsed(start, device)}
 
     start = time.perf_counter()
     latent_shape = config.latent_shape(shape)  # (C, x, y, z)
+    seeds = [int(request.seed) for request in requests]
     noise = per_sample_randn(latent_shape, seeds, device=device)  # (B, C, x, y, z)
     times = schedule(config, num_steps, latent_shape)
     with autocast(device, precision):
         latents = SAMPLERS[method](
             model.denoiser, noise, cond, times, guidance_scale=guidance_scale
         )
-    timings["sample"] = time.perf_counter() - start
+    _check_finite(latents, "latents")
+    timings["sample"] = _elapsed(start, device)
 
     start = time.perf_counter()
-    volumes = np.empty((batch, *shape), dtype=np.int16)
-    tiled = max(latent_shape[1:]) > decode_tile_latent
+    volumes = np.empty((len(requests), *shape), dtype=np.int16)
     with autocast(device, precision):
-        for i in range(batch):  # one at a time: bounded memory, batch-independent numerics
-            latent = latents[i : i + 1]
-            hu = (
-                model.codec.decode_tiled(latent, tile_latent=decode_tile_latent)
-                if tiled
-                else model.codec.decode(latent)
-            )
-            volumes[i] = hu[0, 0].float().round().clamp(-32768, 32767).to(torch.int16).cpu().numpy()
-    timings["decode"] = time.perf_counter() - start
+        for i in range(len(requests)):  # one at a time: bounded memory, batch-independent
+            hu = model.codec.decode_volume(latents[i : i + 1])[0, 0].float()
+            _check_finite(hu[None], "decoded volume", first_index=i)
+            volumes[i] = hu.round().clamp(-32768, 32767).to(torch.int16).cpu().numpy()
+    timings["decode"] = _elapsed(start, device)
 
     return GenerationResult(
         volumes_hu=volumes,
         timings_s=timings,
         shape=shape,
-        spacings_mm=[tuple(float(v) for v in s) for s in spacings_mm],
-        seeds=[int(s) for s in seeds],
+        spacings_mm=spacings,
+        seeds=seeds,
         sampler={
             "method": method,
             "num_steps": num_steps,
@@ -246,19 +252,62 @@ def generate(
     )
 
 
-def _control(config, masks, mappings, shape, batch) -> torch.Tensor | None:
-    """(B, K, x, y, z) mask-class occupancy, or None without masks."""
-    if masks is None:
+def _condition(model: Report2CT, requests, shape, spacings) -> Condition:
+    """The requests' report, labels, mask and spacing, on the model's device."""
+    config, device = model.config, model.device
+    label_rows = [signed_labels(request.labels) for request in requests]
+    if any(any(row) for row in label_rows) and not config.label_condition:
+        raise ValueError(f"model {config.name!r} has no label condition: ask by text")
+    for i, (request, row) in enumerate(zip(requests, label_rows, strict=True)):
+        if request.findings is None and request.impression is None and not any(row):
+            raise ValueError(f"volume {i}: neither a report nor labels to generate from")
+    control = _control(config, requests, shape)
+    if model.conditioner is None:
+        raise RuntimeError("this Report2CT was built without text encoders")
+    context = model.conditioner.encode(
+        [request.findings for request in requests], [request.impression for request in requests]
+    )  # (B, 2, D)
+    return Condition(
+        context=context.to(device),
+        spacing_mm=torch.tensor(spacings, dtype=torch.float32, device=device),  # (B, 3)
+        labels=torch.tensor(label_rows, device=device) if config.label_condition else None,
+        control=None if control is None else control.to(device),
+    )
+
+
+def _check_finite(values: torch.Tensor, what: str, *, first_index: int = 0) -> None:
+    """Raise NonFiniteOutput naming the volumes (by index in the batch)
+    whose `values` (B, ...) hold NaN or Inf."""
+    finite = torch.isfinite(values.float()).flatten(1).all(dim=1)
+    if not bool(finite.all()):
+        bad = [first_index + int(i) for i in torch.nonzero(~finite).flatten()]
+        raise NonFiniteOutput(f"the model produced NaN/Inf {what} (volume {bad} of the batch)")
+
+
+def _elapsed(start: float, device: torch.device) -> float:
+    """Seconds since `start`, after the device has finished its queued work
+    (CUDA runs asynchronously: without the sync, the time lands elsewhere)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def _control(config: ModelConfig, requests, shape) -> torch.Tensor | None:
+    """(B, K, x, y, z) mask-class occupancy, or None without masks. A batch
+    is all with masks or all without (the ControlNet runs per batch)."""
+    with_mask = [request.mask is not None for request in requests]
+    if not any(with_mask):
         return None
     if config.control is None:
         raise ValueError(f"model {config.name!r} has no mask condition (no ControlNet)")
-    if len(masks) != batch:
-        raise ValueError("masks need one label map per volume")
-    mappings = mappings or [None] * batch
+    if not all(with_mask):
+        raise ValueError("a batch is all with masks or all without: split it")
     out = []
-    for i, (mask, mapping) in enumerate(zip(masks, mappings, strict=True)):
-        if tuple(mask.shape) != tuple(shape):
-            raise MaskError(f"volume {i}: mask shape {tuple(mask.shape)} is not the output {shape}")
-        index = to_class_index(np.asarray(mask), config.control, mapping)
+    for i, request in enumerate(requests):
+        if tuple(request.mask.shape) != tuple(shape):
+            raise MaskError(
+                f"volume {i}: mask shape {tuple(request.mask.shape)} is not the output {shape}"
+            )
+        index = to_class_index(np.asarray(request.mask), config.control, request.mask_mapping)
         out.append(class_occupancy(index, config.control.num_classes, config.vae.downsample))
     return torch.stack(out)

@@ -9,8 +9,8 @@ Reports longer than an encoder's position limit are encoded whole: split into
 windows that fit, each framed by the encoder's own special tokens, and pooled
 over every token of every window (never silently truncated; CT-RATE findings
 often exceed 512 tokens). The empty condition used for classifier-free
-guidance is explicit: a zero context (`null_context`), which is also what
-condition dropout substitutes in training.
+guidance is explicit (`report2ct.condition`): a missing section encodes to
+the empty token, the same one guidance and condition dropout use.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from report2ct.condition import empty
 from report2ct.config import EncoderSpec
 
 
@@ -58,7 +59,12 @@ def encoder_revision(spec: EncoderSpec) -> str:
 
 class TextConditioner:
     """Frozen encoders -> context tokens, with an embedding cache keyed by
-    (encoder, revision, text hash) so repeated reports cost nothing."""
+    (encoder, revision, text hash) so repeated reports cost nothing.
+
+    The cache (LRU, `cache_size` embeddings on the CPU) and its `cache_hits`
+    counter belong to this conditioner, so to the process that loaded it: in
+    the factory each generation actor has its own; nothing is shared across
+    actors or persisted."""
 
     def __init__(
         self,
@@ -102,8 +108,8 @@ class TextConditioner:
         return sum(spec.dim for spec in self.specs)
 
     def null_context(self, batch_size: int) -> torch.Tensor:
-        """The explicit empty condition: zeros, (B, 2, D)."""
-        return torch.zeros(batch_size, 2, self.dim, device=self.device)
+        """The empty report condition, (B, 2, D)."""
+        return empty(batch_size, 2, self.dim, device=self.device)
 
     @torch.inference_mode()
     def encode(
@@ -117,7 +123,7 @@ class TextConditioner:
         return torch.stack([self._encode_section(findings), self._encode_section(impressions)], 1)
 
     def _encode_section(self, texts: Sequence[str | None]) -> torch.Tensor:
-        out = torch.zeros(len(texts), self.dim, device=self.device)
+        out = empty(len(texts), self.dim, device=self.device)
         given = [i for i, text in enumerate(texts) if text is not None]
         if given:
             out[given] = self.encode_texts([texts[i] for i in given])

@@ -63,7 +63,7 @@ def test_demo_control_bundle_follows_the_map():
     well as the bundle's own VAE reproduces the phantoms themselves (every
     generated volume is decoded by it: the ceiling for this bundle)."""
     from report2ct.bundle import load_bundle
-    from report2ct.pipeline import generate
+    from report2ct.pipeline import VolumeRequest, generate
 
     model = load_bundle("report2ct/bundles/demo-control")
     config = model.config
@@ -75,15 +75,18 @@ def test_demo_control_bundle_follows_the_map():
         return mask_adherence((v, p.mask, classes) for v, p in zip(volumes, cases, strict=True))
 
     def generated(*, mask: bool):
-        return generate(
-            model,
-            findings=[p.findings for p in cases],
-            impressions=[p.impression for p in cases],
-            labels=[p.labels for p in cases],
-            masks=[p.mask for p in cases] if mask else None,
-            spacings_mm=[spacing] * len(cases),
-            seeds=[p.seed for p in cases],
-        ).volumes_hu
+        requests = [
+            VolumeRequest(
+                seed=p.seed,
+                findings=p.findings,
+                impression=p.impression,
+                labels=p.labels,
+                spacing_mm=spacing,
+                mask=p.mask if mask else None,
+            )
+            for p in cases
+        ]
+        return generate(model, requests).volumes_hu
 
     with_map, without = adherence(generated(mask=True)), adherence(generated(mask=False))
     ceiling = adherence(through_vae(model.codec, [p.volume_hu for p in cases]))

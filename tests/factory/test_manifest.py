@@ -19,7 +19,7 @@ def test_good_records_and_defaults():
     ((line, record),) = list(read_manifest(iter(lines(GOOD)), config=preset("tiny")))
     assert line == 1 and isinstance(record, ManifestRecord)
     assert record.num_samples == 1 and record.label_vector() == [0] * 18
-    assert record.resolved_seed() == ManifestRecord.model_validate(GOOD).resolved_seed()
+    assert record.sample_seed() == ManifestRecord.model_validate(GOOD).sample_seed()
 
 
 BAD = [

@@ -65,9 +65,8 @@ def test_demo_preset_shapes_through_vae_unet_and_sampler():
     latent_shape = config.latent_shape(config.default_shape)
     assert latent_shape == (4, 24, 24, 16)
     cond = Condition(
-        torch.randn(1, 2, config.context_dim),
-        torch.zeros(1, 2, config.context_dim),
-        torch.tensor([config.default_spacing_mm]),
+        context=torch.randn(1, 2, config.context_dim),
+        spacing_mm=torch.tensor([config.default_spacing_mm]),
     )
     latent = euler_sample(
         denoiser, torch.randn(1, *latent_shape), cond, linear_times(2), guidance_scale=2.0

@@ -1,5 +1,6 @@
 """Samplers against MONAI's scheduler, guidance batching, per-sample seeds."""
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -10,7 +11,7 @@ from monai.networks.schedulers import RFlowScheduler
 from report2ct.config import preset
 from report2ct.denoiser import Denoiser, perturb_zero_init
 from report2ct.flow import Condition, euler_sample, guided_velocity, heun_sample, linear_times
-from report2ct.pipeline import generate
+from report2ct.pipeline import NonFiniteOutput, VolumeRequest, generate
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,6 @@ def _cond(batch, dim, seed=1):
     g = torch.Generator().manual_seed(seed)
     return Condition(
         context=torch.randn(batch, 2, dim, generator=g),
-        null_context=torch.zeros(batch, 2, dim),
         spacing_mm=torch.tensor([[8.0, 8.0, 10.0]] * batch),
     )
 
@@ -58,7 +58,7 @@ def test_batched_guidance_equals_two_forwards(denoiser):
     t = 0.6
     tv = torch.full((2,), t)
     v_c = denoiser(x, tv, cond.context, cond.spacing_mm)
-    v_u = denoiser(x, tv, cond.null_context, cond.spacing_mm)
+    v_u = denoiser(x, tv, torch.zeros_like(cond.context), cond.spacing_mm)
     expected = v_u + 4.0 * (v_c - v_u)
     torch.testing.assert_close(
         guided_velocity(denoiser, x, t, cond, 4.0), expected, atol=1e-5, rtol=1e-4
@@ -69,10 +69,10 @@ def test_batched_guidance_equals_two_forwards(denoiser):
 def test_heun_converges_faster_than_euler_on_a_linear_field():
     # dx/d(-t) = -x from t=1 to t=0 has the exact solution x(0) = x(1) / e: Heun's error
     # must be far below Euler's at the same number of steps.
-    def field(x, t, context, spacing):
+    def field(x, t, context, spacing_mm):
         return -x
 
-    cond = Condition(torch.zeros(1, 2, 1), torch.zeros(1, 2, 1), torch.zeros(1, 3))
+    cond = Condition(context=torch.zeros(1, 2, 1), spacing_mm=torch.zeros(1, 3))
     x1 = torch.ones(1, 1, 2, 2, 2)
     exact = torch.exp(torch.tensor(-1.0))
     times = linear_times(8)
@@ -85,68 +85,45 @@ def test_same_seed_same_volume_whatever_the_batch(tiny_model):
     reports = [
         (f"Finding number {i} in the right lower lobe.", f"Impression {i}.") for i in range(4)
     ]
-    kwargs = {"spacings_mm": [(8.0, 8.0, 10.0)] * 4, "seeds": [10, 11, 12, 13], "precision": "fp32"}
-    batched = generate(
-        tiny_model, findings=[f for f, _ in reports], impressions=[i for _, i in reports], **kwargs
-    ).volumes_hu
-    single = generate(
-        tiny_model,
-        findings=[reports[2][0]],
-        impressions=[reports[2][1]],
-        spacings_mm=[(8.0, 8.0, 10.0)],
-        seeds=[12],
-        precision="fp32",
-    ).volumes_hu
+    requests = [
+        VolumeRequest(seed=10 + i, findings=f, impression=imp, spacing_mm=(8.0, 8.0, 10.0))
+        for i, (f, imp) in enumerate(reports)
+    ]
+    batched = generate(tiny_model, requests, precision="fp32").volumes_hu
+    single = generate(tiny_model, requests[2:3], precision="fp32").volumes_hu
     # Kernels may sum in another order at another batch size: allow 1 HU.
     assert np.abs(batched[2].astype(int) - single[0].astype(int)).max() <= 1
-    again = generate(
-        tiny_model,
-        findings=[reports[2][0]],
-        impressions=[reports[2][1]],
-        spacings_mm=[(8.0, 8.0, 10.0)],
-        seeds=[12],
-        precision="fp32",
-    ).volumes_hu
+    again = generate(tiny_model, requests[2:3], precision="fp32").volumes_hu
     np.testing.assert_array_equal(single, again)
-    other = generate(
-        tiny_model,
-        findings=[reports[2][0]],
-        impressions=[reports[2][1]],
-        spacings_mm=[(8.0, 8.0, 10.0)],
-        seeds=[99],
-        precision="fp32",
-    ).volumes_hu
+    reseeded = dataclasses.replace(requests[2], seed=99)
+    other = generate(tiny_model, [reseeded], precision="fp32").volumes_hu
     assert np.abs(single.astype(int) - other.astype(int)).mean() > 1
 
 
 def test_generate_shapes_precisions_and_timings(tiny_model):
-    for precision in ("bf16", "fp32"):
-        result = generate(
-            tiny_model,
-            findings=["Normal."],
-            impressions=["Normal."],
-            spacings_mm=[(8.0, 8.0, 10.0)],
-            seeds=[1],
-            precision=precision,
-            num_steps=2,
-        )
+    normal = VolumeRequest(seed=1, findings="Normal.", impression="Normal.")
+    for precision in ("bf16", "fp16", "fp32"):
+        result = generate(tiny_model, [normal], precision=precision, num_steps=2)
         assert result.volumes_hu.shape == (1, 32, 32, 16)
         assert result.volumes_hu.dtype == np.int16
         assert result.volumes_hu.min() >= -1000 and result.volumes_hu.max() <= 1000
         assert set(result.timings_s) == {"text", "sample", "decode"}
     with pytest.raises(ValueError, match="precision"):
-        generate(
-            tiny_model,
-            findings=["a"],
-            impressions=["b"],
-            spacings_mm=[(8, 8, 10)],
-            seeds=[1],
-            precision="int4",
-        )
+        generate(tiny_model, [normal], precision="int4")
     with pytest.raises(ValueError, match="outside the model's range"):
-        generate(
-            tiny_model, findings=["a"], impressions=["b"], spacings_mm=[(100, 8, 10)], seeds=[1]
-        )
+        generate(tiny_model, [dataclasses.replace(normal, spacing_mm=(100, 8, 10))])
+
+
+@pytest.mark.parametrize("where", ["denoiser", "decoder"])
+def test_a_model_that_produces_nan_fails_instead_of_writing_zeros(tiny_model, monkeypatch, where):
+    """A diverged model's NaN must never become plausible 0-HU volumes."""
+    module = tiny_model.denoiser if where == "denoiser" else tiny_model.codec.vae
+    name = "forward" if where == "denoiser" else "decode"
+    original = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: original(*a, **k) * float("nan"))
+    request = VolumeRequest(seed=1, findings="Normal.", impression="Normal.")
+    with pytest.raises(NonFiniteOutput, match="NaN/Inf"):
+        generate(tiny_model, [request], num_steps=2)
 
 
 @torch.no_grad()
@@ -158,7 +135,10 @@ def test_the_test_denoiser_is_not_trivial(denoiser):
     v = denoiser(torch.randn(1, 4, 8, 8, 4), torch.full((1,), 0.5), cond.context, cond.spacing_mm)
     assert v.abs().mean() > 1e-3
     v_null = denoiser(
-        torch.randn(1, 4, 8, 8, 4), torch.full((1,), 0.5), cond.null_context, cond.spacing_mm
+        torch.randn(1, 4, 8, 8, 4),
+        torch.full((1,), 0.5),
+        torch.zeros_like(cond.context),
+        cond.spacing_mm,
     )
     assert not torch.allclose(v, v_null)
 

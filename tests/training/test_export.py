@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow
 
 def test_demo_path_exports_a_bundle_the_model_core_samples(tmp_path):
     from report2ct.bundle import load_bundle, verify_bundle
-    from report2ct.pipeline import generate
+    from report2ct.pipeline import VolumeRequest, generate
     from training.demo_bundle import build_demo_bundle, tiny_recipe
 
     sha = build_demo_bundle(tmp_path / "bundle", tmp_path / "work", tiny_recipe())
@@ -25,10 +25,7 @@ def test_demo_path_exports_a_bundle_the_model_core_samples(tmp_path):
     model = load_bundle(tmp_path / "bundle")
     result = generate(
         model,
-        findings=["Right pleural effusion."],
-        impressions=["Effusion."],
-        spacings_mm=[model.config.default_spacing_mm],
-        seeds=[0],
+        [VolumeRequest(seed=0, findings="Right pleural effusion.", impression="Effusion.")],
         num_steps=2,
     )
     assert result.volumes_hu.shape == (1, 32, 32, 16) and np.isfinite(result.volumes_hu).all()
@@ -61,7 +58,7 @@ def test_stage_commands_train_vae_ldm_controlnet_then_export(tmp_path):
     from phantom.world import make_mask
     from report2ct.bundle import load_bundle, write_random_bert
     from report2ct.config import preset
-    from report2ct.pipeline import generate
+    from report2ct.pipeline import VolumeRequest, generate
 
     tiny = preset("tiny")
     write_dataset(
@@ -117,14 +114,12 @@ def test_stage_commands_train_vae_ldm_controlnet_then_export(tmp_path):
         (label.value, label.name) for label in LABELS if label.value
     )
     mask, _ = make_mask(3, shape=tiny.default_shape, spacing_mm=tiny.default_spacing_mm)
-    volume = generate(
-        model,
-        findings=["Cardiomegaly."],
-        impressions=["Enlarged heart."],
-        spacings_mm=[tiny.default_spacing_mm],
-        seeds=[1],
-        labels=[{"Cardiomegaly": 1}],
-        masks=[mask],
-        num_steps=2,
-    ).volumes_hu
+    request = VolumeRequest(
+        seed=1,
+        findings="Cardiomegaly.",
+        impression="Enlarged heart.",
+        labels={"Cardiomegaly": 1},
+        mask=mask,
+    )
+    volume = generate(model, [request], num_steps=2).volumes_hu
     assert np.isfinite(volume).all()
