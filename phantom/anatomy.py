@@ -9,46 +9,22 @@ anatomically ordered: body wall (skin/fat, muscle), lungs with their lobes,
 heart, aorta (ascending, arch, descending), trachea and main bronchi, spine,
 ribs, diaphragm domes (right higher) and the liver dome under the right one,
 and branching pulmonary vessels inside the lungs.
+
+`build_anatomy` draws the structures one function each, in a fixed order:
+every phantom's parameters come from one random stream, so the order of the
+draws is part of the data set (the same seed must give the same phantom).
 """
 
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
+from phantom.geometry import Grid, ellipsoid, tube
 from phantom.legend import BY_NAME
 
 L = {name: label.value for name, label in BY_NAME.items()}
-
-
-@dataclass(frozen=True)
-class Grid:
-    shape: tuple[int, int, int]  # (X, Y, Z)
-    spacing_mm: tuple[float, float, float]
-
-    def axes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """1-D world coordinates (mm) of voxel centres along x, y, z."""
-        return tuple(
-            ((np.arange(n, dtype=np.float32) - (n - 1) / 2) * s)
-            for n, s in zip(self.shape, self.spacing_mm, strict=True)
-        )
-
-    def mesh(self):
-        x, y, z = self.axes()
-        return x[:, None, None], y[None, :, None], z[None, None, :]  # broadcastable
-
-
-@dataclass
-class Anatomy:
-    labels: np.ndarray  # (X, Y, Z) uint8 label map
-    lung_side: np.ndarray  # (X, Y, Z) int8: 0 outside lungs, 1 right lung, 2 left lung
-    lobe: np.ndarray  # (X, Y, Z) uint8: 0 none, 1 RUL, 2 RML, 3 RLL, 4 LUL, 5 LLL
-    heart: dict = field(default_factory=dict)  # centre (mm), radii (mm)
-    aorta: dict = field(default_factory=dict)  # path points (mm), radius
-    params: dict = field(default_factory=dict)
-
 
 LOBES = {
     1: ("right", "upper"),
@@ -60,48 +36,122 @@ LOBES = {
 LOBE_IDS = {value: key for key, value in LOBES.items()}
 
 
-def _ellipsoid(x, y, z, centre, radii) -> np.ndarray:
-    return (
-        ((x - centre[0]) / radii[0]) ** 2
-        + ((y - centre[1]) / radii[1]) ** 2
-        + ((z - centre[2]) / radii[2]) ** 2
-    ) <= 1.0
+# eq=False: the fields are arrays, which have no single truth value to compare by.
+@dataclass(frozen=True, eq=False)
+class Heart:
+    centre: np.ndarray  # (3,) mm
+    radii: np.ndarray  # (3,) mm, the ellipsoid's semi-axes
 
 
-def _tube(x, y, z, points: np.ndarray, radius: float) -> np.ndarray:
-    """Voxels within `radius` of a polyline (points (N, 3) mm)."""
-    mask = np.zeros(np.broadcast_shapes(x.shape, y.shape, z.shape), dtype=bool)
-    for a, b in itertools.pairwise(points):
-        lo, hi = np.minimum(a, b) - radius, np.maximum(a, b) + radius
-        sel = (slice(None),) * 3
-        # Restrict work to the segment's bounding box.
-        ix = np.where((x[:, 0, 0] >= lo[0]) & (x[:, 0, 0] <= hi[0]))[0]
-        iy = np.where((y[0, :, 0] >= lo[1]) & (y[0, :, 0] <= hi[1]))[0]
-        iz = np.where((z[0, 0, :] >= lo[2]) & (z[0, 0, :] <= hi[2]))[0]
-        if not (len(ix) and len(iy) and len(iz)):
-            continue
-        sel = (slice(ix[0], ix[-1] + 1), slice(iy[0], iy[-1] + 1), slice(iz[0], iz[-1] + 1))
-        px, py, pz = x[sel[0], :, :], y[:, sel[1], :], z[:, :, sel[2]]
-        d = b - a
-        length2 = float(d @ d) or 1e-6
-        t = np.clip(((px - a[0]) * d[0] + (py - a[1]) * d[1] + (pz - a[2]) * d[2]) / length2, 0, 1)
-        dist2 = (
-            (px - a[0] - t * d[0]) ** 2 + (py - a[1] - t * d[1]) ** 2 + (pz - a[2] - t * d[2]) ** 2
-        )
-        mask[sel] |= dist2 <= radius**2
-    return mask
+@dataclass(frozen=True, eq=False)
+class Aorta:
+    points: np.ndarray  # (N, 3) mm, the centre line
+    radius: float  # mm
+
+
+@dataclass(frozen=True, eq=False)
+class Anatomy:
+    """A drawn chest: the label map (findings are painted into it in place)
+    and the landmarks that findings are placed by."""
+
+    labels: np.ndarray  # (X, Y, Z) uint8 label map
+    lung_side: np.ndarray  # (X, Y, Z) int8: 0 outside lungs, 1 right lung, 2 left lung
+    lobe: np.ndarray  # (X, Y, Z) uint8: 0 none, 1 RUL, 2 RML, 3 RLL, 4 LUL, 5 LLL
+    heart: Heart
+    aorta: Aorta
+    shift: np.ndarray  # (3,) mm: the body's offset from the centre of the field of view
+    body_radii: tuple[float, float]  # mm: the body's semi-axes along x and y
+    carina: np.ndarray  # (3,) mm
+    spine_y: float  # mm: the vertebral bodies' centre, front to back
+    domes: tuple[float, float]  # mm: the z of the right and left diaphragm domes
+    scale: float  # in-plane size factor (follows the field of view)
+    zscale: float  # cranio-caudal size factor
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """The grid's world coordinates and the size factors every structure is
+    drawn at; `uniform` draws the next parameter from the phantom's stream."""
+
+    x: np.ndarray
+    y: np.ndarray
+    z: np.ndarray
+    shape: tuple[int, int, int]
+    s: float  # anatomy scales with the field of view
+    zs: float
+    fov_z: float  # mm, half the field of view in z
+    rng: np.random.Generator
+
+    def uniform(self, lo: float, hi: float) -> float:
+        return float(self.rng.uniform(lo, hi))
+
+    def full(self, mask: np.ndarray) -> np.ndarray:
+        """A broadcastable mask at the grid's full shape."""
+        return np.broadcast_to(mask, self.shape)
+
+
+@dataclass(frozen=True)
+class _Body:
+    shift: np.ndarray
+    a: float  # semi-axis along x (mm)
+    b: float  # semi-axis along y (mm)
+    r: np.ndarray  # elliptic radius, 1 at the skin
+    fat_mm: float
+    muscle_mm: float
+    inside: np.ndarray
+    cavity: np.ndarray  # inside the muscle wall
+
+    @property
+    def spine_y(self):
+        return self.shift[1] - self.b * 0.62
+
+
+@dataclass(frozen=True)
+class _Domes:
+    right: float
+    left: float
+    apex: float  # the lungs' top
+
+
+def _frame(grid: Grid, rng: np.random.Generator) -> _Frame:
+    fov_x = grid.shape[0] * grid.spacing_mm[0] / 2
+    fov_z = grid.shape[2] * grid.spacing_mm[2] / 2
+    s = min(fov_x / 192.0, 1.6)
+    return _Frame(*grid.mesh(), grid.shape, s, fov_z / 160.0, fov_z, rng)
 
 
 def build_anatomy(grid: Grid, rng: np.random.Generator, *, heart_scale: float = 1.0) -> Anatomy:
-    x, y, z = grid.mesh()
-    shape = grid.shape
-    fov_x = grid.shape[0] * grid.spacing_mm[0] / 2
-    fov_z = grid.shape[2] * grid.spacing_mm[2] / 2
-    s = min(fov_x / 192.0, 1.6)  # anatomy scales with the field of view
-    zs = fov_z / 160.0
-    u = lambda lo, hi: float(rng.uniform(lo, hi))  # noqa: E731
+    f = _frame(grid, rng)
+    labels = np.zeros(grid.shape, dtype=np.uint8)
+    body = _draw_body(f, labels)
+    lungs, domes = _draw_lungs(f, body, labels)
+    _draw_liver(f, body, domes, lungs, labels)
+    heart = _draw_heart(f, body, domes, heart_scale, lungs, labels)
+    aorta = _draw_aorta(f, body, domes, heart, lungs, labels)
+    carina = _draw_airways(f, body, heart, lungs, labels)
+    _draw_spine(f, body, lungs, labels)
+    _draw_ribs(f, body, domes, labels)
+    _draw_vessels(f, carina, lungs, labels)
+    return Anatomy(
+        labels=labels,
+        lung_side=lungs,
+        lobe=_lobes(f, body, domes, lungs),
+        heart=heart,
+        aorta=aorta,
+        shift=body.shift,
+        body_radii=(body.a, body.b),
+        carina=carina,
+        spine_y=body.spine_y,
+        domes=(domes.right, domes.left),
+        scale=f.s,
+        zscale=f.zs,
+    )
 
-    # --- body: an elliptic cylinder, flattened posteriorly, slightly tapering up
+
+def _draw_body(f: _Frame, labels: np.ndarray) -> _Body:
+    """An elliptic cylinder, flattened posteriorly, slightly tapering up:
+    subcutaneous fat, the muscle wall, and mediastinal fat inside."""
+    x, y, z, s, zs, u = f.x, f.y, f.z, f.s, f.zs, f.uniform
     shift = np.array([u(-6, 6) * s, u(-8, 4) * s, u(-8, 8) * zs])
     body_a, body_b = u(150, 175) * s, u(105, 125) * s
     taper = 1.0 - 0.10 * np.clip((z - shift[2]) / (160 * zs), -1, 1)
@@ -109,21 +159,25 @@ def build_anatomy(grid: Grid, rng: np.random.Generator, *, heart_scale: float = 
     body_r = np.sqrt(bx**2 + by**2 * np.where(y < shift[1], 1.15, 1.0))
     fat_mm = u(8, 22) * s
     muscle_mm = u(8, 14) * s
-    body = body_r <= 1.0
-    labels = np.zeros(shape, dtype=np.uint8)
-    labels[np.broadcast_to(body, shape)] = L["subcutaneous_fat"]
-    inner_fat = body_r <= 1.0 - fat_mm / body_a
-    labels[np.broadcast_to(inner_fat, shape)] = L["muscle"]
+    inside = body_r <= 1.0
+    labels[f.full(inside)] = L["subcutaneous_fat"]
+    labels[f.full(body_r <= 1.0 - fat_mm / body_a)] = L["muscle"]
     cavity = body_r <= 1.0 - (fat_mm + muscle_mm) / body_a
-    labels[np.broadcast_to(cavity, shape)] = L["mediastinum"]
+    labels[f.full(cavity)] = L["mediastinum"]
+    return _Body(shift, body_a, body_b, body_r, fat_mm, muscle_mm, inside, cavity)
 
-    # --- diaphragm domes (right higher) and lungs
+
+def _draw_lungs(f: _Frame, body: _Body, labels: np.ndarray) -> tuple[np.ndarray, _Domes]:
+    """Diaphragm domes (right higher), the lungs above them, and the upper
+    abdomen's soft tissue below; returns the lung sides and the domes."""
+    x, y, z, s, zs, u = f.x, f.y, f.z, f.s, f.zs, f.uniform
+    shift = body.shift
     dome_r = shift[2] + u(-95, -75) * zs
     dome_l = dome_r - u(10, 25) * zs
     apex = shift[2] + u(115, 140) * zs
     lung_a, lung_b = u(62, 72) * s, u(80, 92) * s
     gap = u(28, 38) * s  # half-width of the mediastinum between lungs
-    lungs = np.zeros(shape, dtype=np.int8)
+    lungs = np.zeros(f.shape, dtype=np.int8)
     for side, sign, dome in ((1, -1.0, dome_r), (2, 1.0, dome_l)):
         cx = shift[0] + sign * (gap + lung_a)
         cy = shift[1] - u(5, 12) * s
@@ -131,96 +185,129 @@ def build_anatomy(grid: Grid, rng: np.random.Generator, *, heart_scale: float = 
         cz = dome + height
         # dome-shaped base: the diaphragm rises towards the lung's centre
         base = dome + 25 * zs * (1 - ((x - cx) / lung_a) ** 2 - ((y - cy) / lung_b) ** 2).clip(0, 1)
-        ell = _ellipsoid(x, y, z, (cx, cy, cz), (lung_a, lung_b, height * 1.05))
-        lung = ell & (z >= base) & np.broadcast_to(cavity, shape)
-        lungs[lung] = side
+        ell = ellipsoid(x, y, z, (cx, cy, cz), (lung_a, lung_b, height * 1.05))
+        lungs[ell & (z >= base) & f.full(body.cavity)] = side
     labels[lungs > 0] = L["lung"]
     # below the domes: upper abdomen (soft tissue), not mediastinal fat
     abdomen = (
-        np.broadcast_to(cavity, shape)
-        & (z < np.where(x < shift[0], dome_r, dome_l) + 5 * zs)
-        & (lungs == 0)
+        f.full(body.cavity) & (z < np.where(x < shift[0], dome_r, dome_l) + 5 * zs) & (lungs == 0)
     )
     labels[abdomen] = L["muscle"]
+    return lungs, _Domes(dome_r, dome_l, apex)
 
-    # --- liver under the right dome, filling the right upper abdomen
+
+def _draw_liver(
+    f: _Frame, body: _Body, domes: _Domes, lungs: np.ndarray, labels: np.ndarray
+) -> None:
+    """Under the right dome, filling the right upper abdomen."""
+    x, y, z, s, zs, shift = f.x, f.y, f.z, f.s, f.zs, body.shift
     liver = (
-        np.broadcast_to(cavity, shape)
-        & (z < dome_r + 10 * zs)
-        & (x < shift[0] + 40 * s)
-        & (lungs == 0)
+        f.full(body.cavity) & (z < domes.right + 10 * zs) & (x < shift[0] + 40 * s) & (lungs == 0)
     )
-    liver &= _ellipsoid(
-        x, y, z, (shift[0] - 40 * s, shift[1], dome_r - 40 * zs), (120 * s, 100 * s, 75 * zs)
+    liver &= ellipsoid(
+        x, y, z, (shift[0] - 40 * s, shift[1], domes.right - 40 * zs), (120 * s, 100 * s, 75 * zs)
     )
     labels[liver] = L["liver"]
 
-    # --- heart: anterior, left of midline, resting on the left dome
-    heart_radii = np.array([u(52, 62) * s, u(42, 50) * s, u(48, 58) * zs]) * heart_scale
-    heart_centre = np.array(
-        [shift[0] + u(12, 22) * s, shift[1] + u(8, 20) * s, dome_l + heart_radii[2] * 0.85]
+
+def _draw_heart(
+    f: _Frame,
+    body: _Body,
+    domes: _Domes,
+    heart_scale: float,
+    lungs: np.ndarray,
+    labels: np.ndarray,
+) -> Heart:
+    """Anterior, left of midline, resting on the left dome."""
+    s, zs, u, shift = f.s, f.zs, f.uniform, body.shift
+    radii = np.array([u(52, 62) * s, u(42, 50) * s, u(48, 58) * zs]) * heart_scale
+    centre = np.array(
+        [shift[0] + u(12, 22) * s, shift[1] + u(8, 20) * s, domes.left + radii[2] * 0.85]
     )
-    heart = _ellipsoid(x, y, z, heart_centre, heart_radii) & np.broadcast_to(cavity, shape)
+    heart = ellipsoid(f.x, f.y, f.z, centre, radii) & f.full(body.cavity)
     labels[heart] = L["heart"]
     lungs[heart] = 0
+    return Heart(centre, radii)
 
-    # --- aorta: ascending from the heart, arch, descending left of the spine
-    r_ao = u(11, 15) * s
-    top = min(heart_centre[2] + heart_radii[2] + u(25, 40) * zs, apex - 20 * zs)
-    spine_y = shift[1] - body_b * 0.62
-    aorta_pts = np.array(
+
+def _draw_aorta(
+    f: _Frame, body: _Body, domes: _Domes, heart: Heart, lungs: np.ndarray, labels: np.ndarray
+) -> Aorta:
+    """Ascending from the heart, the arch, descending left of the spine."""
+    s, zs, u, shift, spine_y = f.s, f.zs, f.uniform, body.shift, body.spine_y
+    radius = u(11, 15) * s
+    centre = heart.centre
+    top = min(centre[2] + heart.radii[2] + u(25, 40) * zs, domes.apex - 20 * zs)
+    points = np.array(
         [
-            [heart_centre[0] - 10 * s, heart_centre[1] + 5 * s, heart_centre[2] + 10 * zs],
+            [centre[0] - 10 * s, centre[1] + 5 * s, centre[2] + 10 * zs],
             [shift[0] + 8 * s, shift[1] + 10 * s, top - 15 * zs],
             [shift[0] + 2 * s, shift[1] - 5 * s, top],
             [shift[0] + 18 * s, spine_y + 30 * s, top - 15 * zs],
-            [shift[0] + 22 * s, spine_y + 28 * s, heart_centre[2]],
-            [shift[0] + 18 * s, spine_y + 30 * s, dome_l - 40 * zs],
+            [shift[0] + 22 * s, spine_y + 28 * s, centre[2]],
+            [shift[0] + 18 * s, spine_y + 30 * s, domes.left - 40 * zs],
         ],
         dtype=np.float32,
     )
-    aorta = _tube(x, y, z, aorta_pts, r_ao)
+    aorta = tube(f.x, f.y, f.z, points, radius)
     labels[aorta] = L["aorta"]
     lungs[aorta] = 0
+    return Aorta(points, radius)
 
-    # --- trachea and main bronchi (carina above the heart)
+
+def _draw_airways(
+    f: _Frame, body: _Body, heart: Heart, lungs: np.ndarray, labels: np.ndarray
+) -> np.ndarray:
+    """Trachea and main bronchi with a soft tissue wall; returns the carina
+    (above the heart)."""
+    x, y, z, s, zs, u, shift = f.x, f.y, f.z, f.s, f.zs, f.uniform, body.shift
     carina = np.array(
-        [shift[0], shift[1] - 5 * s, heart_centre[2] + heart_radii[2] + u(5, 15) * zs]
+        [shift[0], shift[1] - 5 * s, heart.centre[2] + heart.radii[2] + u(5, 15) * zs]
     )
-    trachea = np.array([[shift[0], shift[1] + 5 * s, fov_z + 10], carina], dtype=np.float32)
+    trachea = np.array([[shift[0], shift[1] + 5 * s, f.fov_z + 10], carina], dtype=np.float32)
     r_tr = u(8, 10) * s
-    airway = _tube(x, y, z, trachea, r_tr)
+    airway = tube(x, y, z, trachea, r_tr)
     for sign in (-1, 1):
         end = carina + np.array([sign * u(35, 45) * s, -u(5, 12) * s, -u(25, 35) * zs])
-        airway |= _tube(x, y, z, np.stack([carina, end]).astype(np.float32), r_tr * 0.75)
-    wall = _tube(x, y, z, trachea, r_tr + 2.5 * s) & ~airway
+        airway |= tube(x, y, z, np.stack([carina, end]).astype(np.float32), r_tr * 0.75)
+    wall = tube(x, y, z, trachea, r_tr + 2.5 * s) & ~airway
     labels[wall & (labels != L["aorta"])] = L["muscle"]
     labels[airway] = L["airway"]
     lungs[airway | wall] = 0
+    return carina
 
-    # --- spine: vertebral column posterior midline (bodies + canal)
-    spine_c = np.array([shift[0], spine_y])
+
+def _draw_spine(f: _Frame, body: _Body, lungs: np.ndarray, labels: np.ndarray) -> None:
+    """The vertebral column, posterior midline, with intervertebral discs."""
+    x, y, z, s, zs, u = f.x, f.y, f.z, f.s, f.zs, f.uniform
+    spine_c = np.array([body.shift[0], body.spine_y])
     spine = ((x - spine_c[0]) ** 2 + ((y - spine_c[1]) / 1.1) ** 2) <= (u(17, 21) * s) ** 2
-    spine = np.broadcast_to(spine, shape) & np.broadcast_to(body, shape)
+    spine = f.full(spine) & f.full(body.inside)
     disc_period, disc_mm = u(26, 32) * zs, u(4, 6) * zs
-    discs = ((z - shift[2]) % disc_period) < disc_mm  # intervertebral discs between bodies
+    discs = ((z - body.shift[2]) % disc_period) < disc_mm  # between the vertebral bodies
     labels[spine] = L["spine"]
-    labels[spine & np.broadcast_to(discs, shape)] = L["muscle"]
+    labels[spine & f.full(discs)] = L["muscle"]
     lungs[spine] = 0
 
-    # --- ribs: arcs along the inner body wall every ~28 mm in z
-    rib_gap = u(26, 32) * zs
-    rib_zs = np.arange(dome_r - 30 * zs, apex + 10 * zs, rib_gap)
-    rib_ring = (body_r > 1.0 - (fat_mm + muscle_mm * 0.9) / body_a) & (
-        body_r < 1.0 - fat_mm / body_a
-    )
-    rib_thick = u(5, 7) * zs
-    slope = 0.25  # ribs run down anteriorly
-    for rz in rib_zs:
-        band = np.abs(z - (rz - slope * (y - spine_y))) <= rib_thick
-        labels[np.broadcast_to(rib_ring, shape) & band & np.broadcast_to(body, shape)] = L["rib"]
 
-    # --- pulmonary vessels: branching tubes from each hilum, thinning outwards
+def _draw_ribs(f: _Frame, body: _Body, domes: _Domes, labels: np.ndarray) -> None:
+    """Arcs along the inner body wall every ~28 mm in z, running down anteriorly."""
+    y, z, zs, u = f.y, f.z, f.zs, f.uniform
+    rib_gap = u(26, 32) * zs
+    rib_zs = np.arange(domes.right - 30 * zs, domes.apex + 10 * zs, rib_gap)
+    ring = (body.r > 1.0 - (body.fat_mm + body.muscle_mm * 0.9) / body.a) & (
+        body.r < 1.0 - body.fat_mm / body.a
+    )
+    thick = u(5, 7) * zs
+    slope = 0.25
+    for rz in rib_zs:
+        band = np.abs(z - (rz - slope * (y - body.spine_y))) <= thick
+        labels[f.full(ring) & band & f.full(body.inside)] = L["rib"]
+
+
+def _draw_vessels(f: _Frame, carina: np.ndarray, lungs: np.ndarray, labels: np.ndarray) -> None:
+    """Pulmonary vessels: branching tubes from each hilum, thinning outwards."""
+    s, zs, u, rng = f.s, f.zs, f.uniform, f.rng
     for side, sign in ((1, -1.0), (2, 1.0)):
         hilum = carina + np.array([sign * 40 * s, -5 * s, -30 * zs])
         for _ in range(7):
@@ -232,36 +319,20 @@ def build_anatomy(grid: Grid, rng: np.random.Generator, *, heart_scale: float = 
                 direction = direction + rng.normal(0, 0.25, 3)
                 direction /= np.linalg.norm(direction)
                 pts.append(pts[-1] + direction * u(25, 40) * s)
-            vessel = _tube(x, y, z, np.array(pts, dtype=np.float32), radius) & (lungs == side)
+            vessel = tube(f.x, f.y, f.z, np.array(pts, dtype=np.float32), radius) & (lungs == side)
             labels[vessel] = L["pulmonary_vessel"]
 
-    # --- lobes: oblique fissures (higher posteriorly), right horizontal fissure
-    lobe = np.zeros(shape, dtype=np.uint8)
-    mid = (apex + min(dome_r, dome_l)) / 2
-    oblique = z - (mid - 0.7 * (y - shift[1]) - 10 * zs)
-    horizontal = z - (mid + 15 * zs)
+
+def _lobes(f: _Frame, body: _Body, domes: _Domes, lungs: np.ndarray) -> np.ndarray:
+    """Oblique fissures (higher posteriorly) and the right horizontal fissure."""
+    lobe = np.zeros(f.shape, dtype=np.uint8)
+    mid = (domes.apex + min(domes.right, domes.left)) / 2
+    oblique = f.z - (mid - 0.7 * (f.y - body.shift[1]) - 10 * f.zs)
+    horizontal = f.z - (mid + 15 * f.zs)
     right, left = lungs == 1, lungs == 2
     lobe[right & (oblique < 0)] = LOBE_IDS[("right", "lower")]
     lobe[right & (oblique >= 0) & (horizontal < 0)] = LOBE_IDS[("right", "middle")]
     lobe[right & (oblique >= 0) & (horizontal >= 0)] = LOBE_IDS[("right", "upper")]
     lobe[left & (oblique < 0)] = LOBE_IDS[("left", "lower")]
     lobe[left & (oblique >= 0)] = LOBE_IDS[("left", "upper")]
-
-    return Anatomy(
-        labels=labels,
-        lung_side=lungs,
-        lobe=lobe,
-        heart={"centre": heart_centre, "radii": heart_radii},
-        aorta={"points": aorta_pts, "radius": r_ao},
-        params={
-            "shift": shift,
-            "body": (body_a, body_b),
-            "carina": carina,
-            "spine_y": spine_y,
-            "scale": s,
-            "zscale": zs,
-            "dome": (dome_r, dome_l),
-            "apex": apex,
-            "thorax_width_mm": 2 * (body_a - fat_mm - muscle_mm),
-        },
-    )
+    return lobe

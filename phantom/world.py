@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from phantom.anatomy import Anatomy, Grid, build_anatomy
+from phantom.anatomy import Anatomy, build_anatomy
 from phantom.findings import Finding, heart_scale, paint_findings, sample_findings
+from phantom.geometry import Grid
 from phantom.legend import LABELS
 from phantom.report import write_report
 from report2ct.labels import CTRATE_LABELS
