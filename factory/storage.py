@@ -453,12 +453,6 @@ def open_storage(uri: str) -> Storage:
     return LocalStorage(uri)
 
 
-def is_s3(uri: str) -> bool:
-    """Transitional: kept only until factory/worker.py calls `local_copy`;
-    new code asks the protocol (`local_path()`) instead."""
-    return uri.startswith(S3_SCHEME)
-
-
 def storage_for(uri: str) -> tuple[Storage, str]:
     """(storage rooted at the parent, key) for a single object's URI."""
     base, slash, name = uri.rstrip("/").rpartition("/")
