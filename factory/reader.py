@@ -64,10 +64,9 @@ class GeneratedVolumes(Dataset):
     """Committed volumes of one job run, from its `index.jsonl`."""
 
     def __init__(self, index_uri: str, *, check_commits: bool = True) -> None:
-        store, key = storage_for(index_uri)
-        self.entries = [json.loads(line) for line in store.iter_lines(key) if line.strip()]
+        run, key = storage_for(index_uri)  # the index lies at the run's root
+        self.entries = [json.loads(line) for line in run.iter_lines(key) if line.strip()]
         if check_commits:
-            run = open_storage(index_uri.rsplit("/", 1)[0])
             self.entries = [e for e in self.entries if run.exists(commit.commit_path(e["key"]))]
 
     def __len__(self) -> int:
