@@ -50,8 +50,6 @@ LABELS: tuple[Label, ...] = (
 )
 
 BY_NAME = {label.name: label for label in LABELS}
-BY_VALUE = {label.value: label for label in LABELS}
-TISSUES = ("air", "lung", "fat", "soft_tissue", "fluid", "bone", "calcification", "metal")
 
 # Which label classes show each rendered CT-RATE finding.
 FINDING_CLASSES: dict[str, tuple[str, ...]] = {
