@@ -157,7 +157,7 @@ def _paint_nodule(c: _Canvas, f: Finding) -> dict:
     r = f.size_mm / 2
     region = shrink(c.lobe_mask(f.side, f.lobe) & aerated, c.grid, r)
     centre = random_point(region, c.rng, c.grid)
-    if centre is None:  # lobe too small for this size: take the lobe's deepest point
+    if centre is None:  # lobe too small for this size: any point of the lobe
         centre = random_point(c.lobe_mask(f.side, f.lobe), c.rng, c.grid)
     c.labels[ellipsoid(c.x, c.y, c.z, centre, (r, r, r))] = L["lung_nodule"]
     return {"centre_mm": [float(v) for v in centre]}
@@ -317,8 +317,8 @@ def _paint_hiatal_hernia(c: _Canvas, f: Finding) -> dict:
     return {}
 
 
-def _paint_nothing(c: _Canvas, f: Finding) -> dict:
-    return {}  # cardiomegaly: the heart was built larger (`heart_scale`)
+def _paint_cardiomegaly(c: _Canvas, f: Finding) -> dict:
+    return {}  # nothing to paint: the anatomy built the heart larger (`heart_scale`)
 
 
 # One painter per rendered finding, in the order they are painted: diffuse
@@ -331,7 +331,7 @@ PAINTERS: dict[str, Painter] = {
     "Consolidation": _paint_consolidation,
     "Lung opacity": _paint_lung_opacity,
     "Atelectasis": _paint_atelectasis,
-    "Cardiomegaly": _paint_nothing,
+    "Cardiomegaly": _paint_cardiomegaly,
     "Pericardial effusion": _paint_pericardial_effusion,
     "Hiatal hernia": _paint_hiatal_hernia,
     "Lymphadenopathy": _paint_lymphadenopathy,
