@@ -33,7 +33,7 @@ def run_with_progress(options: GenerateOptions) -> int:
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("generate", total=None, rate="")
 
-        def on_row(row):
+        def on_row(_outcome):
             progress.advance(task)
             elapsed = progress.tasks[0].elapsed or 0
             done = progress.tasks[0].completed
@@ -46,14 +46,16 @@ def run_with_progress(options: GenerateOptions) -> int:
         except Exception as error:
             console.print(f"[red]generate failed:[/red] {type(error).__name__}: {error}")
             return EXIT_FATAL
-    table = Table(title=f"run {result.run_uri}")
-    table.add_column("")
-    table.add_column("", justify="right")
+    table = Table(title=f"run {result.run_uri}", show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
     for name, value in result.counts.items():
         table.add_row(name.replace("_", " "), str(value))
     seconds = result.summary["seconds"]
     table.add_row("wall time", f"{seconds['total']:.1f} s")
     table.add_row("volumes per hour", f"{result.summary['volumes_per_hour']:.0f}")
+    if seconds["time_split"]:
+        table.add_row("seconds per stage, summed over volumes (workers overlap)", "")
     for name, value in seconds["time_split"].items():
         table.add_row(f"  {name}", f"{value:.2f} s")
     table.add_row("index", result.summary["index"])

@@ -14,19 +14,19 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from factory import commit
 from factory.manifest import ManifestRecord, Rejection, read_manifest
-from factory.storage import Storage, join, storage_for
-from factory.worker import GenerateWorker, WorkerOptions, materialize_bundle
+from factory.options import GenerateOptions
+from factory.records import Outcome
+from factory.storage import Storage, join, local_copy, open_storage, storage_for
 
 log = logging.getLogger(__name__)
 
@@ -53,37 +53,12 @@ FORWARDED_ENV = (
 )
 
 
-@dataclass(frozen=True)
-class GenerateOptions:
-    manifest: str
-    output: str
-    bundle: str | None = None
-    run: str | None = None
-    workers: int = 1
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 1.0
-    precision: str = "bf16"
-    num_steps: int | None = None
-    guidance_scale: float | None = None
-    batch_size: int = 1
-    nifti: bool = False
-    preview: bool = False
-    max_task_retries: int = 3
-
-
 @dataclass
 class JobResult:
     run_uri: str
     exit_code: int
     counts: dict[str, int]
     summary: dict[str, Any] = field(default_factory=dict)
-
-
-def run_name(options: GenerateOptions) -> str:
-    if options.run:
-        return options.run
-    stem = options.manifest.rstrip("/").rsplit("/", 1)[-1].split(".", 1)[0]
-    return re.sub(r"[^A-Za-z0-9._-]", "-", stem) or "run"
 
 
 def _validate(
@@ -128,7 +103,7 @@ def _validate(
 
 
 def _read_part(row: dict[str, Any], *, run_root: str) -> list[dict[str, str]]:
-    data = Storage(run_root).read_bytes(row["part"]).decode()
+    data = open_storage(run_root).read_bytes(row["part"]).decode()
     return [{"item": line} for line in data.splitlines() if line]
 
 
@@ -155,7 +130,7 @@ def _ensure_ray(options: GenerateOptions):
 
 def _cpus_per_worker(ray, options: GenerateOptions) -> float:
     """On CPU-only clusters, actors that take every CPU starve Ray Data's read
-    tasks and the job hangs silently (PLATFORM-NOTES): leave room for them."""
+    tasks and the job hangs silently: leave room for them."""
     if options.gpus_per_worker:
         return options.cpus_per_worker
     available = ray.cluster_resources().get("CPU", 0.0)
@@ -179,13 +154,14 @@ def run_generate(
 ) -> JobResult:
     """Run a generate job to completion (or resume one: committed volumes are
     skipped). `on_progress` receives every result row as it arrives."""
+    from factory.worker import GenerateWorker, WorkerOptions
     from report2ct.bundle import read_config, verify_bundle
 
     started = time.time()
-    run_uri = join(options.output, run_name(options))
-    run = Storage(run_uri)
+    run_uri = join(options.output, options.run_name())
+    run = open_storage(run_uri)
     bundle_uri = options.bundle or str(DEFAULT_BUNDLE)
-    bundle_dir = materialize_bundle(bundle_uri)
+    bundle_dir = local_copy(bundle_uri)
     bundle_sha = verify_bundle(bundle_dir)
     config = read_config(bundle_dir)
 
@@ -196,16 +172,16 @@ def run_generate(
     if on_total:
         on_total(volumes)
 
-    rows: list[dict[str, Any]] = []
+    outcomes: list[Outcome] = []
     if parts:
         ray = _ensure_ray(options)
         worker_options = WorkerOptions(
             bundle=bundle_uri,
             run_root=run_uri,
-            precision=options.precision,
-            num_steps=options.num_steps,
-            guidance_scale=options.guidance_scale,
+            sampling=options.sampling(),
             batch_size=options.batch_size,
+            max_tries=options.max_task_retries + 1,
+            job_id=commit.new_attempt(),
             nifti=options.nifti,
             preview=options.preview,
             extra_provenance={"job": {"manifest": options.manifest, "run": run_uri}},
@@ -222,41 +198,56 @@ def run_generate(
                 compute=ray.data.ActorPoolStrategy(size=options.workers),
                 num_gpus=options.gpus_per_worker or None,
                 num_cpus=_cpus_per_worker(ray, options),
-                max_restarts=-1,
-                max_task_retries=options.max_task_retries,
+                # Ray Data restarts dead actors and retries their batches
+                # without bound; the workers bound the tries per volume
+                # themselves (WorkerOptions.max_tries), against storage.
                 runtime_env={"env_vars": _forwarded_env()},
             )
         )
         for item in dataset.iter_rows():
-            row = json.loads(item["result"])
-            rows.append(row)
+            outcome = Outcome.from_json(json.loads(item["result"]))
+            outcomes.append(outcome)
             if on_progress:
-                on_progress(row)
+                on_progress(outcome)
 
     return _finish(
-        run, run_uri, options, bundle_sha, rows, rejections, volumes, started, validated_s
+        run,
+        options,
+        bundle_sha=bundle_sha,
+        outcomes=outcomes,
+        rejections=rejections,
+        volumes=volumes,
+        seconds={"total": time.time() - started, "validate": validated_s},
     )
 
 
 def _finish(
-    run, run_uri, options, bundle_sha, rows, rejections, volumes, started, validated_s
+    run: Storage,
+    options: GenerateOptions,
+    *,
+    bundle_sha: str,
+    outcomes: list[Outcome],
+    rejections: list[dict[str, Any]],
+    volumes: int,
+    seconds: dict[str, float],
 ) -> JobResult:
-    committed = [row for row in rows if row["status"] in {"generated", "skipped"}]
-    failed = [row for row in rows if row["status"] == "failed"]
-    committed.sort(key=lambda row: (row["id"], row["sample"]))
+    """Write index.jsonl, errors.jsonl and summary.json; the exit code."""
+    committed = [o for o in outcomes if o.entry is not None]
+    failed = [o.error_row() for o in outcomes if o.status == "failed"]
+    committed.sort(key=lambda o: (o.id, o.sample))
     run.write_bytes(
-        "index.jsonl", "".join(json.dumps(_index_entry(r)) + "\n" for r in committed).encode()
+        "index.jsonl", "".join(json.dumps(o.entry.to_json()) + "\n" for o in committed).encode()
     )
     errors = sorted(
         rejections + failed, key=lambda row: (row.get("line") or 0, row.get("id") or "")
     )
     run.write_bytes("errors.jsonl", "".join(json.dumps(e) + "\n" for e in errors).encode())
 
-    elapsed = time.time() - started
-    generated = [row for row in committed if row["status"] == "generated"]
+    elapsed = seconds["total"]
+    generated = [o for o in committed if o.status == "generated"]
     split = Counter()
-    for row in generated:
-        split.update(row.get("timings_s", {}))
+    for outcome in generated:
+        split.update(outcome.entry.timings_s)
     counts = {
         "volumes_requested": volumes,
         "committed": len(committed),
@@ -268,43 +259,25 @@ def _finish(
     missing = volumes - len(committed)
     exit_code = EXIT_OK if not errors and missing == 0 else EXIT_PARTIAL
     summary = {
-        "run": run_uri,
+        "run": run.root,
         "manifest": options.manifest,
         "bundle_sha256": bundle_sha,
-        "options": asdict(options),
+        "options": options.model_dump(mode="json"),
         "counts": counts,
         "exit_code": exit_code,
-        "seconds": {"total": elapsed, "validate": validated_s, "time_split": dict(split)},
+        # time_split: seconds per stage summed over every generated volume
+        # (workers run in parallel, so the sum exceeds the wall time).
+        "seconds": {**seconds, "time_split": dict(split)},
         "volumes_per_hour": len(generated) / elapsed * 3600 if elapsed > 0 else 0.0,
         "index": run.uri("index.jsonl"),
         "errors": run.uri("errors.jsonl"),
     }
     run.write_bytes("summary.json", json.dumps(summary, indent=2).encode())
-    return JobResult(run_uri=run_uri, exit_code=exit_code, counts=counts, summary=summary)
-
-
-def _index_entry(row: dict[str, Any]) -> dict[str, Any]:
-    keep = (
-        "id",
-        "sample",
-        "key",
-        "uri",
-        "labels",
-        "seed",
-        "spacing_mm",
-        "shape",
-        "timings_s",
-        "findings",
-        "impression",
-        "nifti_uri",
-        "preview_uri",
-        "mask",
-    )
-    return {k: row[k] for k in keep if k in row}
+    return JobResult(run_uri=run.root, exit_code=exit_code, counts=counts, summary=summary)
 
 
 def cleanup_run(run_uri: str) -> dict[str, int]:
-    return commit.cleanup(Storage(run_uri))
+    return commit.cleanup(open_storage(run_uri))
 
 
 __all__ = [

@@ -1,6 +1,12 @@
 """The generation worker: a Ray Data actor (one per GPU) that loads the bundle
 once and turns batches of validated records into committed volumes.
 
+    plan    expand records into volume tasks; drop those already committed
+    batch   group the rest by output grid, mask or not and guidance
+    sample  resolve masks, then one `generate()` call per batch
+    write   every output of a volume under its attempt's own folder
+    commit  the commit marker, written last and once (factory.commit)
+
 It keeps no per-record state: everything a record needs travels with it, and
 every decision (skip a committed key, write a fresh attempt, commit or lose)
 is made against storage, so a restarted actor or a retried batch is safe.
@@ -8,76 +14,56 @@ is made against storage, so a restarted actor or a retried batch is safe.
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
 import logging
 import os
-import shutil
 import socket
-import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from factory import commit
 from factory.manifest import ManifestRecord
-from factory.storage import Storage, is_s3
-from factory.writer import MASK_LABEL
+from factory.outputs import VolumeOutput, outputs_for, write_all
+from factory.records import IndexEntry, Outcome, VolumeTask
+from factory.storage import Storage, local_copy, open_storage
 from report2ct.labels import CTRATE_LABELS
+from report2ct.pipeline import SamplingOptions, VolumeRequest
 
 log = logging.getLogger(__name__)
 
-FAULTS_ENV = "CTFACTORY_FAULTS"  # e.g. "kill_before_commit=3": test hook, see `_maybe_die`
+# Test hook, see `_maybe_die`: "kill_before_commit=3" or "die_on_key=<key>".
+FAULTS_ENV = "CTFACTORY_FAULTS"
 
 
 @dataclass(frozen=True)
 class WorkerOptions:
     bundle: str  # local directory or s3:// prefix
     run_root: str  # <out>/<run>
-    precision: str = "bf16"
-    num_steps: int | None = None
-    guidance_scale: float | None = None
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
     batch_size: int = 1
     nifti: bool = False
     preview: bool = False
+    # A volume whose worker died this many times in this job (a volume that
+    # kills its process, a node lost again and again) fails into the errors
+    # instead of being retried forever; a rerun (a new job_id) tries again.
+    max_tries: int = 4
+    job_id: str = "local"
     extra_provenance: dict[str, Any] = field(default_factory=dict)
 
 
-def materialize_bundle(uri: str) -> Path:
-    """A local directory holding the bundle: itself, or a cached download of
-    an s3:// bundle (verified again by load_bundle either way)."""
-    if not is_s3(uri):
-        return Path(uri)
-    cache = Path(os.environ.get("CTFACTORY_CACHE", Path.home() / ".cache" / "ct-factory"))
-    target = cache / "bundles" / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    if not (target / "SHA256SUMS").exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(dir=target.parent))
-        Storage(uri).download_prefix("", scratch)
-        try:
-            scratch.rename(target)
-        except OSError:  # another worker on this node finished first
-            shutil.rmtree(scratch, ignore_errors=True)
-    return target
+@dataclass(frozen=True, eq=False)
+class Prepared:
+    """A task whose request is ready to sample (its mask resolved)."""
 
-
-def mask_classes(control) -> dict[int, tuple[str, tuple[int, int, int, int]]]:
-    """value -> (name, rgba) of the model's mask legend: the phantom world's
-    colours for its classes, a fixed colour derived from the name otherwise."""
-    if control is None:
-        return {}
-    from phantom.legend import BY_NAME
-
-    def colour(name: str) -> tuple[int, int, int, int]:
-        if name in BY_NAME:
-            return BY_NAME[name].rgba
-        r, g, b = hashlib.sha256(name.encode()).digest()[:3]
-        return (r, g, b, 255)
-
-    return {value: (name, colour(name)) for value, name in control.legend}
+    task: VolumeTask
+    request: VolumeRequest
+    labels: dict[str, int]  # all 18 names: what the volume was asked to show
+    mask_provenance: dict[str, Any] | None = None
 
 
 def _worker_identity() -> dict[str, Any]:
@@ -110,243 +96,229 @@ class GenerateWorker:
         self.options = options
         device = "cuda" if torch.cuda.is_available() else "cpu"
         start = time.perf_counter()
-        self.model = load_bundle(materialize_bundle(options.bundle), device=device)
+        self.model = load_bundle(local_copy(options.bundle), device=device)
         self.load_s = time.perf_counter() - start
-        self.run = Storage(options.run_root)
+        self.run = open_storage(options.run_root)
+        self.outputs = outputs_for(nifti=options.nifti, preview=options.preview)
         self.identity = _worker_identity()
         self.model_provenance = self.model.provenance()
-        self.mask_classes = mask_classes(self.model.config.control)
+        control = self.model.config.control
+        self.mask_classes = control.display_classes() if control is not None else {}
 
     # -- Ray Data entry point --------------------------------------------
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[str]]:
-        items = [json.loads(text) for text in batch["item"]]
-        tasks = []  # (line, record, sample, key)
-        results: list[dict[str, Any]] = []
-        for item in items:
+        tasks = []
+        for text in batch["item"]:
+            item = json.loads(text)
             record = ManifestRecord.model_validate(item["record"])
-            for sample in range(record.num_samples):
-                key = commit.volume_key(record.id, sample, record.num_samples)
-                marker = commit.read_commit(self.run, key)
-                if marker is not None:  # committed by an earlier run or attempt
-                    results.append({**marker["index"], "status": "skipped"})
-                else:
-                    tasks.append((item["line"], record, sample, key))
-        # Records sharing an output grid (and all with masks, or all without:
-        # the ControlNet runs per batch) sample together, batch_size at a time.
-        groups: dict[tuple, list] = {}
-        config = self.model.config
+            tasks.extend(VolumeTask.for_record(item["line"], record))
+        outcomes, todo = self._plan(tasks)
+        for group in self._batches(todo):
+            outcomes.extend(self._generate(group))
+        return {"result": [json.dumps(outcome.to_json()) for outcome in outcomes]}
+
+    def _plan(self, tasks: list[VolumeTask]) -> tuple[list[Outcome], list[VolumeTask]]:
+        """Skipped outcomes for tasks committed by an earlier run or attempt,
+        and the tasks still to generate."""
+        done, todo = [], []
         for task in tasks:
-            shape = tuple(task[1].shape or config.default_shape)
-            groups.setdefault((shape, task[1].has_mask), []).append(task)
-        for (shape, _), group in groups.items():
-            for start in range(0, len(group), self.options.batch_size):
-                results.extend(
-                    self._generate(shape, group[start : start + self.options.batch_size])
+            marker = commit.read_commit(self.run, task.key)
+            if marker is not None:
+                entry = IndexEntry.from_json(marker["index"])
+                done.append(Outcome.committed("skipped", task.line, entry))
+            elif self._claim_try(task) > self.options.max_tries:
+                done.append(
+                    task.failed(
+                        f"gave up after {self.options.max_tries} tries: the worker died during "
+                        "each (see the job's log); a rerun tries again"
+                    )
                 )
-        return {"result": [json.dumps(row) for row in results]}
+            else:
+                todo.append(task)
+        return done, todo
 
-    def _masks(self, shape, tasks, spacings, seeds) -> tuple[list, list]:
-        """(task, spacing, seed, mask or None) for each task without a mask or
-        whose mask resolved on the output grid, and failure rows (record id
-        and reason) for the rest."""
-        from factory.masks import resolve_mask
+    def _claim_try(self, task: VolumeTask) -> int:
+        """Number this try of the task within this job (1, 2, ...), claimed
+        with a conditional put, so concurrent and restarted workers count
+        each try once."""
+        folder = f"_work/tries/{self.options.job_id}/{task.key}"
+        for number in range(1, self.options.max_tries + 2):
+            if self.run.put_if_absent(f"{folder}/{number}", str(os.getpid()).encode()):
+                return number
+        return self.options.max_tries + 1
 
-        control = self.model.config.control
-        ready, failed = [], []
-        for task, spacing, seed in zip(tasks, spacings, seeds, strict=True):
-            record = task[1]
-            if not record.has_mask:
-                ready.append((task, spacing, seed, None))
-                continue
-            try:
-                mask = resolve_mask(record, seed, shape, spacing, control)
-            except Exception as error:
-                log.warning("mask of %s refused: %s", record.id, error)
-                failed.append(self._failure(*task, ValueError(f"mask: {error}")))
-                continue
-            ready.append((task, spacing, seed, mask))
-        return ready, failed
+    def _batches(self, tasks: list[VolumeTask]) -> Iterator[list[VolumeTask]]:
+        """Tasks that can sample together, `batch_size` at a time: the same
+        output grid, all with masks or all without (the ControlNet runs per
+        batch), the same guidance scale."""
+        groups: dict[tuple, list[VolumeTask]] = {}
+        default_shape = self.model.config.default_shape
+        for task in tasks:
+            record = task.record
+            shape = tuple(record.shape or default_shape)
+            groups.setdefault((shape, record.has_mask, record.guidance_scale), []).append(task)
+        size = self.options.batch_size
+        for group in groups.values():
+            for start in range(0, len(group), size):
+                yield group[start : start + size]
 
-    # -- one batch of volumes of the same shape -------------------------
-    def _generate(self, shape: tuple[int, int, int], tasks: list) -> list[dict[str, Any]]:
+    # -- one batch ---------------------------------------------------------
+    def _generate(self, tasks: list[VolumeTask]) -> list[Outcome]:
         from report2ct.pipeline import generate
 
-        config = self.model.config
-        # Per-record guidance overrides: records of one batch must agree, so
-        # a batch with mixed overrides is split.
-        guidance = {task[1].guidance_scale for task in tasks}
-        if len(guidance) > 1:
-            return [row for task in tasks for row in self._generate(shape, [task])]
-        record_guidance = guidance.pop()
-        spacings = [tuple(task[1].spacing_mm or config.default_spacing_mm) for task in tasks]
-        seeds = [task[1].resolved_seed() + task[2] for task in tasks]
-        ready, rows = self._masks(shape, tasks, spacings, seeds)
+        shape = tuple(tasks[0].record.shape or self.model.config.default_shape)
+        ready, outcomes = self._prepare(tasks, shape)
         if not ready:
-            return rows
-        tasks, spacings, seeds, masks = (list(column) for column in zip(*ready, strict=True))
-        records = [record for _, record, _, _ in tasks]
-        # A phantom mask says which findings it drew: those are the labels.
-        labels = [
-            mask.labels if mask is not None and mask.labels is not None else r.labels
-            for r, mask in zip(records, masks, strict=True)
-        ]
+            return outcomes
+        sampling = self.options.sampling
+        guidance = tasks[0].record.guidance_scale
         try:
             result = generate(
                 self.model,
-                findings=[r.findings for r in records],
-                impressions=[r.impression for r in records],
-                spacings_mm=spacings,
-                seeds=seeds,
+                [item.request for item in ready],
                 shape=shape,
-                guidance_scale=record_guidance
-                if record_guidance is not None
-                else self.options.guidance_scale,
-                num_steps=self.options.num_steps,
-                precision=self.options.precision,
-                labels=labels if config.label_condition else None,
-                masks=[m.values for m in masks] if masks[0] is not None else None,
+                num_steps=sampling.num_steps,
+                guidance_scale=sampling.guidance_scale if guidance is None else guidance,
+                precision=sampling.precision,
+                method=sampling.method,
             )
         except Exception as error:
-            log.exception("generation failed for %s", [r.id for r in records])
-            return rows + [
-                self._failure(line, record, sample, key, error)
-                for line, record, sample, key in tasks
-            ]
-        per_volume = {name: value / len(tasks) for name, value in result.timings_s.items()}
-        for index, (line, record, sample, key) in enumerate(tasks):
+            log.exception("generation failed for %s", [item.task.key for item in ready])
+            return outcomes + [item.task.failed(_reason(error)) for item in ready]
+        per_volume = {name: value / len(ready) for name, value in result.timings_s.items()}
+        for item, volume in zip(ready, result.volumes_hu, strict=True):
             try:
-                rows.append(
-                    self._write_and_commit(
-                        line,
-                        record,
-                        sample,
-                        key,
-                        result.volumes_hu[index],
-                        spacings[index],
-                        seeds[index],
-                        result.sampler,
-                        dict(per_volume),
-                        labels[index],
-                        masks[index],
-                    )
-                )
+                outcomes.append(self._write_and_commit(item, volume, result.sampler, per_volume))
             except Exception as error:
-                log.exception("writing %s failed", key)
-                rows.append(self._failure(line, record, sample, key, error))
-        return rows
+                log.exception("writing %s failed", item.task.key)
+                outcomes.append(item.task.failed(_reason(error)))
+        return outcomes
 
-    def _failure(self, line, record, sample, key, error) -> dict[str, Any]:
-        return {
-            "status": "failed",
-            "line": line,
-            "id": record.id,
-            "sample": sample,
-            "key": key,
-            "reason": f"{type(error).__name__}: {error}",
-        }
+    def _prepare(self, tasks: list[VolumeTask], shape) -> tuple[list[Prepared], list[Outcome]]:
+        """The requests of the tasks whose mask (if any) resolved on the
+        output grid, and failures (with the reason) for the rest."""
+        from factory.masks import resolve_mask
 
+        config = self.model.config
+        ready, failed = [], []
+        for task in tasks:
+            record = task.record
+            spacing = tuple(record.spacing_mm or config.default_spacing_mm)
+            request = VolumeRequest(
+                seed=task.seed,
+                findings=record.findings,
+                impression=record.impression,
+                labels=record.labels if config.label_condition else None,
+                spacing_mm=spacing,
+            )
+            labels, mask_provenance = dict(record.labels), None
+            if record.has_mask:
+                try:
+                    mask = resolve_mask(record, task.seed, shape, spacing, config.control)
+                except Exception as error:
+                    log.warning("mask of %s refused: %s", record.id, error)
+                    failed.append(task.failed(f"ValueError: mask: {error}"))
+                    continue
+                # A phantom mask says which findings it drew: those are the labels.
+                labels = mask.labels if mask.labels is not None else labels
+                request = dataclasses.replace(
+                    request,
+                    mask=mask.values,
+                    labels=labels if config.label_condition else None,
+                )
+                mask_provenance = mask.provenance
+            all_labels = {name: int(labels.get(name, 0)) for name in CTRATE_LABELS}
+            ready.append(Prepared(task, request, all_labels, mask_provenance))
+        return ready, failed
+
+    # -- one volume: write, then commit --------------------------------------
     def _write_and_commit(
-        self,
-        line,
-        record: ManifestRecord,
-        sample,
-        key,
-        volume,
-        spacing,
-        seed,
-        sampler,
-        timings,
-        labels,
-        mask,
-    ) -> dict[str, Any]:
-        from factory.preview import render_preview
-        from factory.writer import write_nifti, write_ome_zarr
-
+        self, item: Prepared, volume: np.ndarray, sampler: dict, timings: dict[str, float]
+    ) -> Outcome:
+        task, record = item.task, item.task.record
         start = time.perf_counter()
         attempt = commit.new_attempt()
-        prefix = commit.attempt_prefix(key, attempt)
-        zarr_key = f"{prefix}.ome.zarr"
-        index_row = {
-            "id": record.id,
-            "sample": sample,
-            "key": key,
-            "uri": self.run.uri(zarr_key),
-            "labels": {name: int(labels.get(name, 0)) for name in CTRATE_LABELS},
-            "seed": seed,
-            "spacing_mm": list(spacing),
-            "shape": list(volume.shape),
-            "findings": record.findings,
-            "impression": record.impression,
-        }
-        if mask is not None:
-            index_row["mask"] = f"{self.run.uri(zarr_key)}/labels/{MASK_LABEL}"
+        prefix = commit.attempt_prefix(task.key, attempt)
         provenance = {
             **self.model_provenance,
             "sampler": sampler,
-            "seed": seed,
+            "seed": task.seed,
             "record": record.model_dump(mode="json"),
             "report": {"findings": record.findings, "impression": record.impression},
-            "labels": index_row["labels"],
-            "mask": None if mask is None else mask.provenance,
+            "labels": item.labels,
+            "mask": item.mask_provenance,
             "worker": self.identity,
             "timings_s": timings,
             "attempt": attempt,
             **self.options.extra_provenance,
         }
-        with tempfile.TemporaryDirectory() as scratch:
-            local = write_ome_zarr(
-                Path(scratch) / "volume.ome.zarr",
-                volume,
-                spacing,
-                attributes={"provenance": provenance, "labels": index_row["labels"]},
-                mask_xyz=None if mask is None else mask.values,
-                mask_classes=self.mask_classes,
-            )
-            files = {
-                f"{zarr_key}/{name}": digest
-                for name, digest in self.run.upload_dir(local, zarr_key).items()
-            }
-            if self.options.nifti:
-                nifti = write_nifti(Path(scratch) / "volume.nii.gz", volume, spacing)
-                nifti_key = f"{prefix}.nii.gz"
-                self.run.write_bytes(nifti_key, nifti.read_bytes())
-                index_row["nifti_uri"] = self.run.uri(nifti_key)
-        if self.options.preview:
-            preview_key = f"previews/{key}.png"
-            self.run.write_bytes(preview_key, render_preview(volume, spacing, title=record.id))
-            index_row["preview_uri"] = self.run.uri(preview_key)
-        timings["write"] = time.perf_counter() - start
-        index_row["timings_s"] = timings
-        _maybe_die(self.run)
+        output = VolumeOutput(
+            key=task.key,
+            title=record.id,
+            volume_xyz=volume,
+            spacing_mm=item.request.spacing_mm,
+            attributes={"provenance": provenance, "labels": item.labels},
+            mask_xyz=item.request.mask,
+            mask_classes=self.mask_classes,
+        )
+        written = write_all(self.outputs, self.run, prefix, output)
+        entry = IndexEntry(
+            id=record.id,
+            sample=task.sample,
+            key=task.key,
+            labels=item.labels,
+            seed=task.seed,
+            spacing_mm=item.request.spacing_mm,
+            shape=tuple(volume.shape),
+            findings=record.findings,
+            impression=record.impression,
+            timings_s={**timings, "write": time.perf_counter() - start},
+            **written.index,
+        )
+        _maybe_die(self.run, task.key)
+        return self._commit(task, attempt, prefix, written.files, entry)
+
+    def _commit(
+        self, task: VolumeTask, attempt: str, prefix: str, files: dict[str, str], entry: IndexEntry
+    ) -> Outcome:
         marker = {
-            "key": key,
+            "key": task.key,
             "attempt": attempt,
             "files": files,
-            "index": index_row,
+            "index": entry.to_json(),
             "worker": self.identity,
             "committed_at": time.time(),
         }
-        if not commit.try_commit(self.run, key, marker):
-            winner = commit.read_commit(self.run, key)
+        if not commit.try_commit(self.run, task.key, marker):
+            winner = commit.read_commit(self.run, task.key)
             if winner["attempt"] != attempt:
                 # Another attempt (a retry of this batch elsewhere) won: ours never counted.
-                self.run.delete_prefix(prefix + ".ome.zarr")
-                self.run.delete_prefix(prefix + ".nii.gz")
-                return {**winner["index"], "status": "skipped"}
+                self.run.delete_prefix(prefix)
+                return Outcome.committed(
+                    "skipped", task.line, IndexEntry.from_json(winner["index"])
+                )
             # Our own put landed but its answer was lost (a retry then saw 412): ours counts.
-        return {**index_row, "status": "generated", "line": line}
+        return Outcome.committed("generated", task.line, entry)
 
 
-def _maybe_die(run: Storage) -> None:
-    """Fault injection for tests: with CTFACTORY_FAULTS=kill_before_commit=N,
-    up to N workers of the job die (the whole process, as a preempted node
-    would) after writing a volume and before committing it. Each kill is
-    claimed with a conditional put, so there are exactly N kills per run."""
-    spec = os.environ.get(FAULTS_ENV, "")
-    if not spec.startswith("kill_before_commit="):
+def _reason(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def _maybe_die(run: Storage, key: str) -> None:
+    """Fault injection for tests, after writing a volume and before
+    committing it, the whole process dying as a preempted node would:
+    CTFACTORY_FAULTS=kill_before_commit=N kills up to N workers of the job
+    (each kill claimed with a conditional put, so exactly N per run);
+    CTFACTORY_FAULTS=die_on_key=K kills every worker that writes volume K (a
+    volume that always takes its process down)."""
+    kind, _, value = os.environ.get(FAULTS_ENV, "").partition("=")
+    if kind == "die_on_key" and value == key:
+        log.warning("fault injection: worker %d dies writing %s", os.getpid(), key)
+        os._exit(137)
+    if kind != "kill_before_commit":
         return
-    kills = int(spec.split("=", 1)[1])
-    for number in range(kills):
+    for number in range(int(value)):
         if run.put_if_absent(f"_work/faults/kill-{number}", str(os.getpid()).encode()):
             log.warning(
                 "fault injection: worker %d dies before commit (kill %d)", os.getpid(), number

@@ -12,24 +12,9 @@ from jobs._entry import main
 
 
 def run(spec) -> int:
-    from factory.job import GenerateOptions, run_generate
+    from factory.job import run_generate
 
-    options = GenerateOptions(
-        manifest=spec.manifest,
-        output=spec.output,
-        bundle=spec.bundle,
-        run=spec.run,
-        workers=spec.workers,
-        gpus_per_worker=spec.gpus_per_worker,
-        cpus_per_worker=spec.cpus_per_worker,
-        precision=spec.precision,
-        num_steps=spec.num_steps,
-        guidance_scale=spec.guidance_scale,
-        batch_size=spec.batch_size,
-        nifti=spec.nifti,
-        preview=spec.preview,
-    )
-    result = run_generate(options)
+    result = run_generate(spec)  # a GenerateSpec is the job's GenerateOptions
     print(
         json.dumps(
             {"run": result.run_uri, "counts": result.counts, "exit_code": result.exit_code},

@@ -15,8 +15,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-Precision = Literal["bf16", "fp16", "fp32"]
-Uri = Annotated[str, Field(min_length=1, description="a local path or an s3:// URI")]
+from factory.options import GenerateOptions, Uri
 
 
 class SpecError(ValueError):
@@ -35,25 +34,11 @@ class _Spec(BaseModel):
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()
 
 
-class GenerateSpec(_Spec):
-    """Generate one volume per manifest record with a model bundle."""
+class GenerateSpec(_Spec, GenerateOptions):
+    """Generate one volume per manifest record with a model bundle: the
+    generate job's options (factory.options.GenerateOptions), plus `kind`."""
 
     kind: Literal["generate"]
-    manifest: Uri
-    output: Uri
-    bundle: Uri | None = Field(None, description="model bundle; default: the committed demo bundle")
-    run: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description="run name under output"
-    )
-    workers: int = Field(1, ge=1, le=4096)
-    gpus_per_worker: float = Field(0.0, ge=0, le=8)
-    cpus_per_worker: float = Field(1.0, gt=0, le=256)
-    precision: Precision = "bf16"
-    num_steps: int | None = Field(None, ge=1, le=1000)
-    guidance_scale: float | None = Field(None, ge=0, le=50)
-    batch_size: int = Field(1, ge=1, le=64)
-    nifti: bool = False
-    preview: bool = False
 
 
 class TrainSpec(_Spec):
@@ -66,12 +51,19 @@ class TrainSpec(_Spec):
     output: Uri
     deepspeed_config: Uri | dict[str, Any] | None = Field(
         None,
-        description="a DeepSpeed JSON (path) or an inline dict; default: derived from the preset",
+        description="a DeepSpeed JSON (path) or an inline dict for every stage: its batch "
+        "shape, clipping, ZeRO stage (0-2) and precision replace the recipe's, the rest goes "
+        "to the engine; no optimizer or scheduler (the loop builds them); default: the recipe's",
     )
     num_workers: int = Field(1, ge=1, le=1024, description="training processes (one per GPU)")
     use_gpu: bool = False
-    resume: bool = True
-    overrides: dict[str, Any] = Field(default_factory=dict)
+    resume: bool = Field(
+        True, description="continue from the last checkpoints; false: every stage starts afresh"
+    )
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="recipe fields; a stage's (vae, ldm, control) as TrainConfig fields",
+    )
 
 
 class EvaluateSpec(_Spec):

@@ -20,6 +20,7 @@ Presets:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
@@ -94,15 +95,31 @@ class ControlConfig:
     keep their partial volume), through a conditioning embedding with
     `embedding_channels`. Masks in another legend are mapped onto this one by
     a declared value -> class-name mapping (`report2ct.control`).
+    `colors` (RGBA per legend entry, optional) is how outputs display each
+    class; a class without one gets a fixed colour derived from its name.
     """
 
     legend: tuple[tuple[int, str], ...]
     embedding_channels: tuple[int, ...] = (32,)
     conditioning_scale: float = 1.0
+    colors: tuple[tuple[int, int, int, int], ...] = ()
 
     @property
     def num_classes(self) -> int:
         return len(self.legend)
+
+    def display_classes(self) -> dict[int, tuple[str, tuple[int, int, int, int]]]:
+        """value -> (class name, RGBA) for every class of the legend."""
+        colors = self.colors or (None,) * len(self.legend)
+        return {
+            value: (name, tuple(rgba) if rgba else _name_colour(name))
+            for (value, name), rgba in zip(self.legend, colors, strict=True)
+        }
+
+
+def _name_colour(name: str) -> tuple[int, int, int, int]:
+    r, g, b = hashlib.sha256(name.encode()).digest()[:3]
+    return (r, g, b, 255)
 
 
 @dataclass(frozen=True)
@@ -208,7 +225,11 @@ def _control(data: dict[str, Any] | None) -> ControlConfig | None:
     if data is None:
         return None
     control = _build(ControlConfig, data)
-    return dataclasses.replace(control, legend=tuple((int(v), str(n)) for v, n in control.legend))
+    return dataclasses.replace(
+        control,
+        legend=tuple((int(v), str(n)) for v, n in control.legend),
+        colors=tuple(tuple(int(c) for c in rgba) for rgba in control.colors),
+    )
 
 
 def _build(cls, data: dict[str, Any]):

@@ -9,6 +9,7 @@ with the demo-control bundle to ./out/demo-control, whose volumes carry
 their masks.
 """
 
+import json
 from pathlib import Path
 
 import typer
@@ -59,11 +60,16 @@ def demo(
             nifti=True,
         )
         codes.append(run_with_progress(options))
-        previews = sorted((out / run / "previews").glob("*.png"))
+        index = out / run / "index.jsonl"
+        previews = (
+            [json.loads(line)["preview_uri"] for line in index.read_text().splitlines() if line]
+            if index.exists()
+            else []
+        )
         if previews:
             console.print(
-                f"previews: {previews[0].parent}/ ({len(previews)} PNGs: axial, coronal, "
-                "sagittal; lung and mediastinal windows)"
+                f"previews: {len(previews)} PNGs (axial, coronal, sagittal; lung and "
+                f"mediastinal windows) beside each volume, e.g. {previews[0]}"
             )
     code = max(codes)
     raise typer.Exit(code)

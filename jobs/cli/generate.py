@@ -3,83 +3,79 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
+from pydantic_core import PydanticUndefined
 
+from factory.options import GenerateOptions
 from jobs.cli._app import app
+
+
+def _flag(name: str, *flags: str, **kwargs: Any) -> Any:
+    """A typer option for one GenerateOptions field: the field's description
+    and default are its help, the model validates the value. Left unset
+    (None), the field keeps the model's default."""
+    info = GenerateOptions.model_fields[name]
+    default, description = info.default, info.description or ""
+    if default not in (None, False, PydanticUndefined) and "default" not in description:
+        description += f" (default: {default})"
+    long_name = "--" + name.replace("_", "-")
+    names = (long_name, *(f for f in flags if f != long_name))
+    unset = ... if info.is_required() else None
+    return typer.Option(unset, *names, help=description, show_default=False, **kwargs)
 
 
 @app.command()
 def generate(
-    manifest: str = typer.Option(
-        ..., "--manifest", "-m", help="JSONL manifest: a local path or s3://bucket/key"
-    ),
-    out: str = typer.Option(
-        ..., "--out", "-o", help="output root: a local directory or s3://bucket/prefix"
-    ),
-    model: str | None = typer.Option(
-        None,
-        "--model",
-        help="model bundle (local dir or s3://); default: the committed demo bundle",
-    ),
-    run: str | None = typer.Option(
-        None, "--run", help="run name under --out (default: the manifest's file name)"
-    ),
-    workers: int = typer.Option(
-        1, "--workers", min=1, help="generation actors (one per GPU on a GPU cluster)"
-    ),
-    gpus_per_worker: float = typer.Option(
-        0.0, "--gpus-per-worker", min=0, help="GPUs per actor (1 on GPU clusters)"
-    ),
-    cpus_per_worker: float = typer.Option(
-        1.0, "--cpus-per-worker", min=0.05, help="CPUs per actor"
-    ),
-    precision: str = typer.Option("bf16", "--precision", help="bf16 | fp16 | fp32 (autocast)"),
-    steps: int | None = typer.Option(
-        None, "--steps", min=1, help="sampling steps (default: the bundle's)"
-    ),
-    guidance: float | None = typer.Option(
-        None, "--guidance", min=0, help="guidance scale (default: the bundle's)"
-    ),
-    batch_size: int = typer.Option(
-        1, "--batch-size", min=1, help="volumes sampled together per actor call"
-    ),
+    manifest: str = _flag("manifest", "-m"),
+    output: str = _flag("output", "--out", "-o"),
+    bundle: str | None = _flag("bundle", "--model"),
+    run: str | None = _flag("run"),
+    workers: int | None = _flag("workers"),
+    gpus_per_worker: float | None = _flag("gpus_per_worker"),
+    cpus_per_worker: float | None = _flag("cpus_per_worker"),
+    precision: str | None = _flag("precision"),
+    num_steps: int | None = _flag("num_steps", "--steps"),
+    guidance_scale: float | None = _flag("guidance_scale", "--guidance"),
+    method: str | None = _flag("method"),
+    batch_size: int | None = _flag("batch_size"),
     nifti: bool = typer.Option(
-        False, "--nifti", help="also write NIfTI (.nii.gz) with the true affine"
+        False, "--nifti", help=GenerateOptions.model_fields["nifti"].description
     ),
-    preview: bool = typer.Option(False, "--preview", help="also write a PNG preview per volume"),
+    preview: bool = typer.Option(
+        False, "--preview", help=GenerateOptions.model_fields["preview"].description
+    ),
+    max_task_retries: int | None = _flag("max_task_retries"),
 ) -> None:
     """Generate one CT volume per manifest record, as OME-Zarr with provenance.
 
-    A rerun of the same manifest into the same --out/--run skips every
-    committed volume and generates only the rest. Results: <out>/<run>/
-    index.jsonl (committed volumes), errors.jsonl (rejected or failed
-    records, with line and reason), summary.json. Exit code 0: all
-    committed; 3: some records rejected or failed; 2: the job could not run.
-    S3 is reached through the standard AWS settings (AWS_ENDPOINT_URL,
-    credentials chain, region).
+    The flags are the fields of a `kind: generate` job spec (--output,
+    --bundle, --num-steps, --guidance-scale, ...; --out, --model, --steps and
+    --guidance are kept as aliases). A rerun of the same manifest into the
+    same --output/--run skips every committed volume and generates only the
+    rest. Results: <output>/<run>/ index.jsonl (committed volumes),
+    errors.jsonl (rejected or failed records, with line and reason),
+    summary.json. Exit code 0: all committed; 3: some records rejected or
+    failed; 2: the job could not run. S3 is reached through the standard AWS
+    settings (AWS_ENDPOINT_URL, credentials chain, region).
     """
-    from factory.cli_support import run_with_progress
-    from factory.job import GenerateOptions
+    from pydantic import ValidationError
 
-    if precision not in {"bf16", "fp16", "fp32"}:
-        raise typer.BadParameter("must be bf16, fp16 or fp32", param_hint="--precision")
-    options = GenerateOptions(
-        manifest=manifest,
-        output=out,
-        bundle=model,
-        run=run,
-        workers=workers,
-        gpus_per_worker=gpus_per_worker,
-        cpus_per_worker=cpus_per_worker,
-        precision=precision,
-        num_steps=steps,
-        guidance_scale=guidance,
-        batch_size=batch_size,
-        nifti=nifti,
-        preview=preview,
-    )
+    from factory.cli_support import run_with_progress
+
+    given = {name: value for name, value in locals().items() if name in OPTION_FIELDS}
+    try:
+        options = GenerateOptions(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as error:
+        problems = "; ".join(
+            f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" for e in error.errors()
+        )
+        raise typer.BadParameter(problems) from None
     raise typer.Exit(run_with_progress(options))
+
+
+OPTION_FIELDS = frozenset(GenerateOptions.model_fields)
 
 
 @app.command()

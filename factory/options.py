@@ -1,0 +1,75 @@
+"""The options of a generate job, defined once.
+
+`GenerateOptions` is what `ctfactory generate` builds from its flags, what a
+`kind: generate` job spec is (jobs.specs.GenerateSpec adds only `kind`), and
+what `run_generate` takes; the flags are named after its fields. The worker
+receives the subset it needs: `SamplingOptions` and the outputs to write.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from report2ct.config import Precision, SamplerMethod
+
+Uri = Annotated[str, Field(min_length=1, description="a local path or an s3:// URI")]
+RUN_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+class GenerateOptions(BaseModel):
+    """Generate one volume per manifest record with a model bundle."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    manifest: Uri = Field(description="JSONL manifest: a local path or s3://bucket/key")
+    output: Uri = Field(description="output root: a local directory or s3://bucket/prefix")
+    bundle: Uri | None = Field(
+        None, description="model bundle (local dir or s3://); default: the committed demo bundle"
+    )
+    run: str | None = Field(
+        None,
+        pattern=RUN_PATTERN,
+        description="run name under output (default: the manifest's file name)",
+    )
+    workers: int = Field(1, ge=1, le=4096, description="generation actors (one per GPU)")
+    gpus_per_worker: float = Field(
+        0.0, ge=0, le=8, description="GPUs per actor (1 on GPU clusters)"
+    )
+    cpus_per_worker: float = Field(1.0, gt=0, le=256, description="CPUs per actor")
+    precision: Precision = Field("bf16", description="autocast precision: bf16, fp16 or fp32")
+    num_steps: int | None = Field(
+        None, ge=1, le=1000, description="sampling steps (default: the bundle's)"
+    )
+    guidance_scale: float | None = Field(
+        None, ge=0, le=50, description="classifier-free guidance scale (default: the bundle's)"
+    )
+    method: SamplerMethod | None = Field(
+        None, description="sampler: euler or heun (default: the bundle's)"
+    )
+    batch_size: int = Field(1, ge=1, le=64, description="volumes sampled together per actor call")
+    nifti: bool = Field(False, description="also write NIfTI (.nii.gz) with the true affine")
+    preview: bool = Field(False, description="also write a PNG preview per volume")
+    max_task_retries: int = Field(
+        3, ge=0, le=100, description="retries of a batch whose actor died before it finished"
+    )
+
+    def run_name(self) -> str:
+        """The run's folder under `output`: `run`, or the manifest's file stem."""
+        if self.run:
+            return self.run
+        stem = self.manifest.rstrip("/").rsplit("/", 1)[-1].split(".", 1)[0]
+        return re.sub(r"[^A-Za-z0-9._-]", "-", stem) or "run"
+
+    def sampling(self):
+        """The sampling subset the workers receive."""
+        from report2ct.pipeline import SamplingOptions  # torch: only where sampling happens
+
+        return SamplingOptions(
+            num_steps=self.num_steps,
+            guidance_scale=self.guidance_scale,
+            precision=self.precision,
+            method=self.method,
+        )
