@@ -18,17 +18,20 @@ from jobs._entry import main
 
 
 def _stage(spec) -> dict:
-    import dataclasses
-
-    from training.demo_bundle import DemoRecipe, build_demo_bundle
+    from training.demo_bundle import build_demo_bundle, recipe_for
+    from training.engine import read_deepspeed_config
 
     if spec.stage != "demo-bundle":
         raise SystemExit(
             f"stage {spec.stage!r}: run it with `ctfactory train {spec.stage}`; "
             "the job entry builds whole bundles"
         )
-    recipe = dataclasses.replace(DemoRecipe(), preset=spec.preset, **spec.overrides)
-    return {"bundle_sha256": build_demo_bundle(spec.output, f"{spec.output}.work", recipe)}
+    deepspeed = None
+    if spec.deepspeed_config is not None:
+        deepspeed = read_deepspeed_config(spec.deepspeed_config)
+    recipe = recipe_for(spec.preset, spec.overrides, deepspeed)
+    sha = build_demo_bundle(spec.output, f"{spec.output}.work", recipe, resume=spec.resume)
+    return {"bundle_sha256": sha}
 
 
 def run(spec) -> int:

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from report2ct.codec import LatentCodec
 from report2ct.config import ModelConfig
 from report2ct.text import TextConditioner
+from training.data.volumes import VolumeConditions
 
 
 @torch.no_grad()
@@ -57,21 +58,26 @@ def latent_text_cache(
     codec: LatentCodec,
     config: ModelConfig,
     volumes_hu: torch.Tensor,
-    meta: list[dict],
+    conditions: list[VolumeConditions],
     *,
     encoders_dir: Path | None,
 ) -> tuple[dict[str, torch.Tensor], float]:
     """The diffusion stage's inputs, computed once into `path` and reused:
-    (cache with latents scaled to unit variance, contexts and spacings; the
-    latent scale factor). `encoders_dir` holds `bundle:` text encoders."""
+    see `load_latent_cache`. `encoders_dir` holds `bundle:` text encoders."""
     if not path.exists():
         latents = encode_latents(codec, volumes_hu)
         conditioner = TextConditioner(config.encoders, bundle_dir=encoders_dir)
         contexts = encode_reports(
-            conditioner, [m["findings"] for m in meta], [m["impression"] for m in meta]
+            conditioner, [c.findings for c in conditions], [c.impression for c in conditions]
         )
-        spacings = torch.tensor([m["spacing_mm"] for m in meta], dtype=torch.float32)
+        spacings = torch.tensor([c.spacing_mm for c in conditions], dtype=torch.float32)
         save_cache(path, latents=latents, contexts=contexts, spacings=spacings)
+    return load_latent_cache(path)
+
+
+def load_latent_cache(path: Path) -> tuple[dict[str, torch.Tensor], float]:
+    """(the cache with its latents scaled to unit variance, its contexts and
+    spacings; the latent scale factor, which the model config must carry)."""
     cached = load_cache(path)
     scale = latent_scale_factor(cached["latents"])
     cached["latents"] = cached["latents"] * scale

@@ -7,7 +7,9 @@
 
 `ctfactory train demo-bundle` (and `make demo-bundle`) runs it; every stage
 writes under --work and is skipped when its output exists, so a killed build
-resumes (the DeepSpeed stages resume from their last checkpoint).
+resumes (the DeepSpeed stages resume from their last checkpoint); with
+`resume=False` every stage starts afresh (the phantoms, a pure function of
+the recipe's seed, are kept).
 """
 
 from __future__ import annotations
@@ -15,22 +17,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import Any
 
 from phantom.ctrate_layout import DatasetSpec, write_dataset
-from report2ct.bundle import save_bundle
-from report2ct.config import ControlConfig, ModelConfig, preset
-from report2ct.control import class_occupancy, to_class_index
-from report2ct.labels import CTRATE_LABELS, signed_labels
-from report2ct.pipeline import weight_modules
+from report2ct.config import ControlConfig, preset
 from training.caches import latent_text_cache
-from training.data.ctrate import CTRateDataset, mask_legend
+from training.data.ctrate import mask_legend
+from training.data.volumes import load_volumes
 from training.encoder import train_report_bert
-from training.engine import TrainConfig
+from training.engine import TrainConfig, with_deepspeed
+from training.export import export_bundle
 from training.stages import LatentSet, train_controlnet, train_ldm, train_vae
 
 log = logging.getLogger(__name__)
@@ -74,59 +75,41 @@ class DemoRecipe:
     )
 
 
-def load_volumes(
-    root: Path, config: ModelConfig, *, masks: bool = False
-) -> tuple[torch.Tensor, list[dict]]:
-    """The training split on the model's grid: (N, 1, X, Y, Z) int16 HU and
-    per volume its report, spacing and signed labels (and its label map,
-    `mask`, (X, Y, Z) uint8, with `masks=True`)."""
-    dataset = CTRateDataset(
-        root,
-        "train",
-        target_spacing_mm=config.default_spacing_mm,
-        target_shape=config.default_shape,
-        load_masks=masks,
-    )
-    volumes = torch.empty(len(dataset), 1, *config.default_shape, dtype=torch.int16)
-    meta = []
-    for i in range(len(dataset)):
-        item = dataset[i]
-        volumes[i] = item["volume"].round().to(torch.int16)
-        labels = {n: int(v) for n, v in zip(CTRATE_LABELS, item["labels"].tolist(), strict=True)}
-        meta.append(
-            {
-                "findings": item["findings"],
-                "impression": item["impression"],
-                "spacing_mm": item["spacing_mm"].tolist(),
-                "labels": signed_labels(labels),
-            }
+# The recipe's DeepSpeed stages, by field name.
+STAGES = ("vae", "ldm", "control")
+
+
+def recipe_for(
+    preset_name: str,
+    overrides: Mapping[str, Any] | None = None,
+    deepspeed: Mapping[str, Any] | None = None,
+) -> DemoRecipe:
+    """A train job's recipe: the default one on `preset_name`, with
+    `overrides` of its fields (a stage's given as a mapping of TrainConfig
+    fields, e.g. {"ldm": {"steps": 100}}) and every stage under the DeepSpeed
+    config `deepspeed` (see `training.engine.with_deepspeed`)."""
+    recipe = dataclasses.replace(DemoRecipe(), preset=preset_name)
+    updates = dict(overrides or {})
+    for stage in STAGES:
+        value = updates.get(stage)
+        if isinstance(value, Mapping):
+            updates[stage] = dataclasses.replace(getattr(recipe, stage), **value)
+    recipe = dataclasses.replace(recipe, **updates)
+    if deepspeed is not None:
+        recipe = dataclasses.replace(
+            recipe,
+            **{
+                stage: with_deepspeed(getattr(recipe, stage), deepspeed)
+                for stage in STAGES
+                if getattr(recipe, stage) is not None
+            },
         )
-        if masks:
-            meta[-1]["mask"] = item["mask"][0].to(torch.uint8).numpy()
-    return volumes, meta
+    return recipe
 
 
-def latent_set(cached: dict[str, torch.Tensor], meta: list[dict], config: ModelConfig) -> LatentSet:
-    """The diffusion stages' data: the cached latents and contexts, the
-    labels when the config has the label condition, and each volume's mask
-    occupancy (float16: 24 classes at latent size) when it has a ControlNet."""
-    labels = torch.tensor([m["labels"] for m in meta]) if config.label_condition else None
-    control = None
-    if config.control is not None:
-        control = torch.stack(
-            [
-                class_occupancy(
-                    to_class_index(m["mask"], config.control),
-                    config.control.num_classes,
-                    config.vae.downsample,
-                ).half()
-                for m in meta
-            ]
-        )
-    return LatentSet(cached["latents"], cached["contexts"], cached["spacings"], labels, control)
-
-
-def build_demo_bundle(out: str | Path, work: str | Path, recipe: DemoRecipe = DemoRecipe()) -> str:
+def build_demo_bundle(
+    out: str | Path, work: str | Path, recipe: DemoRecipe = DemoRecipe(), *, resume: bool = True
+) -> str:
     out, work = Path(out), Path(work)
     config = preset(recipe.preset)
     if recipe.encoders is not None:
@@ -140,6 +123,12 @@ def build_demo_bundle(out: str | Path, work: str | Path, recipe: DemoRecipe = De
     # Wall seconds per stage over every invocation of this build (a resumed
     # stage adds to what its earlier runs spent), kept in the work directory.
     ledger = work / "timings.json"
+    bert_spec = next(e for e in config.encoders if e.source.startswith("bundle:"))
+    bert_dir = work / bert_spec.source.removeprefix("bundle:")
+    if not resume:
+        for stale in (ledger, work / "cache.safetensors", work / "recipe.json"):
+            stale.unlink(missing_ok=True)
+        shutil.rmtree(bert_dir, ignore_errors=True)
     spent = json.loads(ledger.read_text()) if ledger.exists() else {}
     timings = {}
     mark = time.time()
@@ -164,29 +153,33 @@ def build_demo_bundle(out: str | Path, work: str | Path, recipe: DemoRecipe = De
             ),
             workers=2,
         )
-    volumes, meta = load_volumes(data, config, masks=recipe.control is not None)
+    volumes, conditions = load_volumes(data, config, masks=recipe.control is not None)
     lap("phantoms_s")
 
-    bert_spec = next(e for e in config.encoders if e.source.startswith("bundle:"))
-    bert_dir = work / bert_spec.source.removeprefix("bundle:")
     if not (bert_dir / "model.safetensors").exists():
-        texts = [m["findings"] for m in meta] + [m["impression"] for m in meta]
+        texts = [c.findings for c in conditions] + [c.impression for c in conditions]
         train_report_bert(
             texts, bert_dir, hidden_size=bert_spec.dim, steps=recipe.bert_steps, seed=recipe.seed
         )
     lap("bert_s")
 
-    codec, vae_result = train_vae(config, volumes, recipe.vae, work / "vae", crop=recipe.vae_crop)
+    codec, vae_result = train_vae(
+        config, volumes, recipe.vae, work / "vae", crop=recipe.vae_crop, resume=resume
+    )
     lap("vae_s")
 
     cached, scale = latent_text_cache(
-        work / "cache.safetensors", codec, config, volumes, meta, encoders_dir=work
+        work / "cache.safetensors", codec, config, volumes, conditions, encoders_dir=work
     )
     config = dataclasses.replace(config, latent_scale=scale)
     lap("cache_s")
 
     denoiser, ldm_result = train_ldm(
-        config, latent_set(cached, meta, config), recipe.ldm, work / "ldm"
+        config,
+        LatentSet.from_cache(cached, conditions, config),
+        recipe.ldm,
+        work / "ldm",
+        resume=resume,
     )
     lap("ldm_s")
     final_loss = {"vae": vae_result.losses[-1], "ldm": ldm_result.losses[-1]}
@@ -195,7 +188,12 @@ def build_demo_bundle(out: str | Path, work: str | Path, recipe: DemoRecipe = De
     if recipe.control is not None:
         config = dataclasses.replace(config, control=ControlConfig(legend=mask_legend(data)))
         denoiser, control_result = train_controlnet(
-            config, denoiser, latent_set(cached, meta, config), recipe.control, work / "controlnet"
+            config,
+            denoiser,
+            LatentSet.from_cache(cached, conditions, config),
+            recipe.control,
+            work / "controlnet",
+            resume=resume,
         )
         lap("controlnet_s")
         final_loss["controlnet"] = control_result.losses[-1]
@@ -217,36 +215,6 @@ def build_demo_bundle(out: str | Path, work: str | Path, recipe: DemoRecipe = De
             "final_loss": final_loss,
             "timings_s": timings,
         },
-    )
-
-
-def export_bundle(
-    out: str | Path,
-    config: ModelConfig,
-    codec,
-    denoiser,
-    *,
-    encoders_dir: Path | None,
-    runs: dict[str, Path],
-    extra_files: dict[str, Path] | None = None,
-    metadata: dict | None = None,
-) -> str:
-    """Write trained (EMA) weights as a verified bundle the model core loads:
-    the `bundle:` text encoders copied from `encoders_dir`, each run's loss
-    curve under training/. Returns the bundle's sha256."""
-    local = [
-        e.source.removeprefix("bundle:") for e in config.encoders if e.source.startswith("bundle:")
-    ]
-    if local and encoders_dir is None:
-        raise ValueError(f"encoders {local} live in the bundle: give the directory that holds them")
-    curves = {f"training/loss_{name}.png": Path(run) / "loss.png" for name, run in runs.items()}
-    return save_bundle(
-        out,
-        config=config,
-        weights={name: m.state_dict() for name, m in weight_modules(codec, denoiser).items()},
-        extra_dirs={name: Path(encoders_dir) / name for name in local},
-        extra_files={**{k: v for k, v in curves.items() if v.exists()}, **(extra_files or {})},
-        metadata={"trained": True, "latent_scale": config.latent_scale, **(metadata or {})},
     )
 
 

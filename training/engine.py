@@ -10,9 +10,15 @@
   client state: step, EMA, RNG states, data position); `resume=True` continues
   exactly: a killed run resumed gives the same next loss as an uninterrupted
   one, because the data order is a pure function of (seed, epoch) and every
-  RNG is restored.
-- Logs loss, learning rate and samples per second (log.jsonl) and draws the
-  loss curve (loss.png) at the end.
+  RNG is restored. `resume=False` starts the run directory afresh.
+- The noise of each training sample comes from its own generator, seeded by
+  (seed, step, the sample's index in the global batch): the same whatever the
+  number of ranks and the micro-batch split.
+- Writes the resolved config (train_config.json) into the run directory at
+  start; logs the loss (mean over ranks), learning rate and samples per second
+  (log.jsonl) and draws the loss curve (loss.png) at the end.
+- Stops with `NonFiniteLossError` (stage, step, loss per rank) the first time
+  a loss is NaN or infinite, before it reaches the weights.
 
 Launch: one process (CPU or one GPU) directly; several with `deepspeed` or
 `torchrun`, across nodes with a hostfile (docs/training.md). The loop itself
@@ -21,15 +27,18 @@ reads RANK / WORLD_SIZE from the environment like any torch.distributed job.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging
 import math
 import os
 import random
+import shutil
 import socket
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,18 +65,83 @@ class TrainConfig:
     checkpoint_every: int = 200
     log_every: int = 10
     seed: int = 0
+    # Further DeepSpeed settings passed to the engine as they are (ZeRO bucket
+    # sizes, communication overlap, ...): what `with_deepspeed` leaves of a
+    # DeepSpeed JSON once the loop's own keys are read into the fields above.
+    deepspeed: dict[str, Any] = field(default_factory=dict)
 
     def deepspeed_config(self, world_size: int = 1) -> dict[str, Any]:
-        return {
-            "train_micro_batch_size_per_gpu": self.micro_batch,
-            "gradient_accumulation_steps": self.grad_accum,
-            "train_batch_size": self.micro_batch * self.grad_accum * world_size,
-            "gradient_clipping": self.gradient_clipping,  # explicit: its default changed in 0.19.3
-            "bf16": {"enabled": self.bf16},
-            "zero_optimization": {"stage": self.zero_stage},
-            "steps_per_print": 10**9,  # we log ourselves
-            "wall_clock_breakdown": False,
-        }
+        if self.zero_stage not in (0, 1, 2):
+            # The EMA and the exported weights read whole parameters, which
+            # ZeRO-3 partitions across ranks.
+            raise ValueError(f"ZeRO stage {self.zero_stage}: this loop runs stages 0, 1 and 2")
+        config = copy.deepcopy(self.deepspeed)
+        config.setdefault("train_batch_size", self.micro_batch * self.grad_accum * world_size)
+        config.setdefault("steps_per_print", 10**9)  # we log ourselves
+        config.setdefault("wall_clock_breakdown", False)
+        config.update(
+            {
+                "train_micro_batch_size_per_gpu": self.micro_batch,
+                "gradient_accumulation_steps": self.grad_accum,
+                # explicit: its default changed in 0.19.3
+                "gradient_clipping": self.gradient_clipping,
+                "bf16": {**config.get("bf16", {}), "enabled": self.bf16},
+                "zero_optimization": {
+                    **config.get("zero_optimization", {}),
+                    "stage": self.zero_stage,
+                },
+            }
+        )
+        return config
+
+
+# DeepSpeed keys the loop itself must agree with: read into TrainConfig fields.
+_LOOP_KEYS = {
+    "train_micro_batch_size_per_gpu": "micro_batch",
+    "gradient_accumulation_steps": "grad_accum",
+    "gradient_clipping": "gradient_clipping",
+}
+
+
+def with_deepspeed(config: TrainConfig, settings: Mapping[str, Any]) -> TrainConfig:
+    """`config` under a DeepSpeed JSON: its batch shape, clipping, ZeRO stage
+    and precision replace the config's (the loop feeds the batches and must
+    agree with the engine), everything else goes to the engine as given.
+    `optimizer` and `scheduler` are refused rather than silently dropped: the
+    loop builds AdamW and the warm-up + cosine schedule from the config."""
+    settings = copy.deepcopy(dict(settings))
+    for key in ("optimizer", "scheduler"):
+        if key in settings:
+            raise ValueError(
+                f"DeepSpeed config: {key!r} is built by the training loop from TrainConfig "
+                "(lr, weight_decay, warmup_steps, min_lr_ratio); remove it and set those"
+            )
+    updates: dict[str, Any] = {
+        name: settings.pop(key) for key, name in _LOOP_KEYS.items() if key in settings
+    }
+    zero = settings.get("zero_optimization", {})
+    if "stage" in zero:
+        updates["zero_stage"] = int(zero.pop("stage"))
+    if "enabled" in settings.get("bf16", {}):
+        updates["bf16"] = bool(settings["bf16"].pop("enabled"))
+    elif settings.get("fp16", {}).get("enabled"):
+        updates["bf16"] = False
+    merged = {**config.deepspeed, **settings}
+    return dataclasses.replace(config, **updates, deepspeed=merged)
+
+
+def read_deepspeed_config(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
+    """A DeepSpeed config given inline (a mapping) or as a JSON file (a local
+    path or an fsspec URI such as s3://)."""
+    if isinstance(source, Mapping):
+        return copy.deepcopy(dict(source))
+    text = str(source)
+    if "://" in text:
+        import fsspec
+
+        with fsspec.open(text, "r") as handle:
+            return json.load(handle)
+    return json.loads(Path(text).read_text())
 
 
 def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
@@ -125,6 +199,15 @@ class EMA:
         return state
 
 
+def sample_generator(seed: int, step: int, index: int, device="cpu") -> torch.Generator:
+    """The generator of the sample at `index` of the global batch of `step`:
+    a function of (seed, step, index) alone, so a sample draws the same noise
+    whether the global batch runs on one rank or many, in one micro-batch or
+    several."""
+    state = np.random.SeedSequence([seed, step, index]).generate_state(1, np.uint64)
+    return torch.Generator(device=device).manual_seed(int(state[0]))
+
+
 def data_order(n: int, seed: int, epoch: int) -> np.ndarray:
     """The permutation of epoch `epoch`: a pure function, so resuming knows it."""
     return np.random.default_rng([seed, epoch]).permutation(n)
@@ -149,12 +232,22 @@ def _rng_state() -> dict[str, Any]:
     }
 
 
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     np.random.set_state(
         ("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0)
     )
     random.setstate((3, tuple(state["python"]), state["python_pos"]))
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A training loss went NaN or infinite; raised before it reaches the weights."""
 
 
 @dataclass
@@ -186,7 +279,7 @@ def load_ema(module: torch.nn.Module, run_dir: Path) -> int:
 
 def train(
     module: torch.nn.Module,
-    loss_fn: Callable[[torch.nn.Module, Any, torch.Generator], torch.Tensor],
+    loss_fn: Callable[[torch.nn.Module, Any, Sequence[torch.Generator]], torch.Tensor],
     dataset,
     config: TrainConfig,
     out_dir: str | Path,
@@ -194,17 +287,21 @@ def train(
     collate: Callable[[list[Any]], Any] | None = None,
     resume: bool = True,
     stop_after: int | None = None,
+    name: str | None = None,
 ) -> TrainResult:
     """Train `module` to `config.steps` optimizer steps (or stop early after
-    `stop_after` steps, as a kill would). `loss_fn(engine_module, batch,
-    generator)` returns the scalar loss; `dataset[i]` gives one sample."""
+    `stop_after` steps). `loss_fn(engine_module, batch, generators)` returns
+    the scalar loss, drawing sample i's noise from `generators[i]`;
+    `dataset[i]` gives one sample. `name` (default: the run directory's)
+    names the stage in errors."""
     import deepspeed
     import torch.distributed as dist
 
     ensure_distributed_env()
     out_dir = Path(out_dir)
+    name = name or out_dir.name
     (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.seed)
+    _seed_all(config.seed)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
 
@@ -214,16 +311,22 @@ def train(
         weight_decay=config.weight_decay,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    ds_config = config.deepspeed_config(world)
     engine, _, _, _ = deepspeed.initialize(
-        model=module,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=config.deepspeed_config(world),
+        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
+    distributed = dist.is_initialized() and world > 1
+    if rank == 0:
+        if not resume:
+            _start_afresh(out_dir)
+        document = {"train": asdict(config), "deepspeed": ds_config, "world_size": world}
+        _write_atomic(out_dir / "train_config.json", json.dumps(document, indent=2))
+    if distributed:
+        dist.barrier()  # rank 0 has cleared the run directory before anyone reads it
     dtype = compute_dtype(engine)
     ema = EMA(engine.module, config.ema_decay)
     step, losses = 0, []
-    checkpoint = latest_checkpoint(out_dir) if resume else None
+    checkpoint = latest_checkpoint(out_dir)
     if checkpoint is not None:
         engine.load_checkpoint(str(out_dir / "checkpoints"), tag=checkpoint.name)
         client = json.loads((checkpoint / "client.json").read_text())
@@ -237,26 +340,33 @@ def train(
     collate = collate or _stack
     per_step = config.micro_batch * config.grad_accum * world
     log_file = (out_dir / "log.jsonl").open("a") if rank == 0 else None
-    generator = torch.Generator(device=engine.device)
     started, last = time.perf_counter(), step
     target = config.steps if stop_after is None else min(config.steps, step + stop_after)
     while step < target:
         step_loss = 0.0
         for micro in range(config.grad_accum):
             # This rank's slice of the global batch at this step: resumable by construction.
-            position = step * per_step + (micro * world + rank) * config.micro_batch
-            batch = collate(
-                [
-                    dataset[i]
-                    for i in batch_indices(len(dataset), config.seed, position, config.micro_batch)
-                ]
+            first = (micro * world + rank) * config.micro_batch
+            indices = batch_indices(
+                len(dataset), config.seed, step * per_step + first, config.micro_batch
             )
-            batch = _to(batch, engine.device, dtype)
-            generator.manual_seed(hash((config.seed, step, micro, rank)) % (2**63))
-            loss = loss_fn(engine, batch, generator)
+            batch = _to(collate([dataset[i] for i in indices]), engine.device, dtype)
+            generators = [
+                sample_generator(config.seed, step, first + j, engine.device)
+                for j in range(config.micro_batch)
+            ]
+            loss = loss_fn(engine, batch, generators)
+            per_rank = _gather_loss(loss, rank, world if distributed else 1)
+            if not torch.isfinite(per_rank).all():
+                raise NonFiniteLossError(
+                    f"{name}: the loss went non-finite at step {step + 1} of {config.steps} "
+                    f"(micro-batch {micro + 1} of {config.grad_accum}); loss per rank: "
+                    f"{per_rank.tolist()}; stopped before the update, last checkpoint: "
+                    f"{latest_checkpoint(out_dir) or 'none'}"
+                )
             engine.backward(loss)
             engine.step()
-            step_loss += float(loss.detach()) / config.grad_accum
+            step_loss += float(per_rank.mean()) / config.grad_accum
         step += 1
         ema.update(engine.module)
         losses.append(step_loss)
@@ -290,6 +400,35 @@ def train(
     )
 
 
+def _gather_loss(loss: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """Every rank's loss of this micro-batch, on every rank (CPU, fp32): all
+    ranks then log the same mean and stop together on a non-finite one."""
+    values = torch.zeros(world, device=loss.device)
+    values[rank] = loss.detach().float()
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(values)
+    return values.cpu()
+
+
+def _start_afresh(out_dir: Path) -> None:
+    """`resume=False`: drop what an earlier run left, so neither this run nor
+    a later resume mixes with it."""
+    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+    (out_dir / "checkpoints").mkdir(parents=True)
+    for leftover in ("log.jsonl", "loss.png"):
+        (out_dir / leftover).unlink(missing_ok=True)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and a rename: a process killed mid-write
+    leaves the old file or none, never half of one."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
 def _save(
     engine, ema: EMA, out_dir: Path, step: int, losses: list[float], rank: int, world: int
 ) -> None:
@@ -306,7 +445,9 @@ def _save(
         folder = out_dir / "checkpoints" / tag
         save_file({k: v.contiguous() for k, v in ema.shadow.items()}, folder / "ema.safetensors")
         client = {"step": step, "losses": losses, "rng": {str(r): s for r, s in enumerate(states)}}
-        (folder / "client.json").write_text(json.dumps(client))
+        # Last and atomic: a checkpoint counts once its client.json exists
+        # (`latest_checkpoint`), so a kill mid-save leaves the previous one.
+        _write_atomic(folder / "client.json", json.dumps(client))
 
 
 def compute_dtype(engine) -> torch.dtype:
@@ -352,7 +493,3 @@ def plot_losses(losses: list[float], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def config_dict(config: TrainConfig) -> dict[str, Any]:
-    return asdict(config)

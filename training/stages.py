@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -24,8 +25,10 @@ from torch.utils.data import Dataset
 
 from report2ct.codec import LatentCodec, hu_to_unit
 from report2ct.config import ModelConfig
+from report2ct.control import class_occupancy, to_class_index
 from report2ct.denoiser import Denoiser
 from report2ct.loss import RectifiedFlowLoss
+from training.data.volumes import VolumeConditions
 from training.engine import TrainConfig, TrainResult, compute_dtype, train
 
 
@@ -67,7 +70,7 @@ class VAELoss:
     def __init__(self, kl_weight: float = 1e-6):
         self.kl_weight = kl_weight
 
-    def __call__(self, engine, batch, generator) -> torch.Tensor:
+    def __call__(self, engine, batch, generators) -> torch.Tensor:
         dtype = compute_dtype(engine)  # bf16 under DeepSpeed's bf16
         unit = hu_to_unit(batch["hu"].float()).to(dtype)
         # MAISI's group norm returns fp32 whatever its input: autocast keeps
@@ -97,7 +100,7 @@ def train_vae(
 ) -> tuple[LatentCodec, TrainResult]:
     codec = LatentCodec(config.vae)
     data = RandomCrops(volumes_hu, crop, seed=train_config.seed)
-    result = train(codec.vae, VAELoss(), data, train_config, out_dir, **kwargs)
+    result = train(codec.vae, VAELoss(), data, train_config, out_dir, **{"name": "vae", **kwargs})
     codec.vae.float().load_state_dict(result.ema)  # DeepSpeed cast it to bf16; EMA is fp32
     return codec, result
 
@@ -121,6 +124,37 @@ class LatentSet(Dataset):
         if control is not None:
             self.columns["control"] = control
 
+    @classmethod
+    def from_cache(
+        cls,
+        cached: dict[str, torch.Tensor],
+        records: Sequence[VolumeConditions],
+        config: ModelConfig,
+    ) -> LatentSet:
+        """The diffusion stages' data: a latent cache (`training.caches`,
+        latents already scaled), the records' labels when the config has the
+        label condition, and each record's mask occupancy (float16: K classes
+        at latent size) when it has a ControlNet."""
+        labels = torch.tensor([r.labels for r in records]) if config.label_condition else None
+        control = None
+        if config.control is not None:
+            missing = [i for i, r in enumerate(records) if r.mask is None]
+            if missing:
+                raise ValueError(
+                    f"volumes {missing[:5]} have no label map to train a ControlNet on"
+                )
+            control = torch.stack(
+                [
+                    class_occupancy(
+                        to_class_index(r.mask, config.control),
+                        config.control.num_classes,
+                        config.vae.downsample,
+                    ).half()
+                    for r in records
+                ]
+            )
+        return cls(cached["latents"], cached["contexts"], cached["spacings"], labels, control)
+
     def __len__(self) -> int:
         return len(self.columns["latent"])
 
@@ -136,16 +170,28 @@ class LDMLoss:
     def for_model(cls, config: ModelConfig) -> LDMLoss:
         return cls(config.cond_dropout, config.label_dropout)
 
-    def __call__(self, engine, batch, generator) -> torch.Tensor:
-        return self.loss(
-            engine,
-            batch["latent"],
-            batch["context"],
-            batch["spacing_mm"],
-            labels=batch.get("labels"),
-            control=batch.get("control"),
-            generator=generator,
-        )
+    def __call__(self, engine, batch, generators) -> torch.Tensor:
+        # One forward per sample: `RectifiedFlowLoss` draws a whole batch's
+        # noise from one generator, and each sample must draw from its own
+        # for its noise not to depend on how the global batch is split over
+        # ranks. The mean of the per-sample means is the batch mean (equal sizes).
+        losses = [
+            self.loss(
+                engine,
+                batch["latent"][i : i + 1],
+                batch["context"][i : i + 1],
+                batch["spacing_mm"][i : i + 1],
+                labels=_row(batch.get("labels"), i),
+                control=_row(batch.get("control"), i),
+                generator=generator,
+            )
+            for i, generator in enumerate(generators)
+        ]
+        return torch.stack(losses).mean()
+
+
+def _row(column: torch.Tensor | None, i: int) -> torch.Tensor | None:
+    return None if column is None else column[i : i + 1]
 
 
 def train_ldm(
@@ -153,7 +199,8 @@ def train_ldm(
 ) -> tuple[Denoiser, TrainResult]:
     """The denoiser (UNet, and the label token when the config has one)."""
     denoiser = Denoiser.for_model(dataclasses.replace(config, control=None))
-    result = train(denoiser, LDMLoss.for_model(config), data, train_config, out_dir, **kwargs)
+    loss = LDMLoss.for_model(config)
+    result = train(denoiser, loss, data, train_config, out_dir, **{"name": "ldm", **kwargs})
     denoiser.float().load_state_dict(result.ema)
     return denoiser, result
 
@@ -183,6 +230,7 @@ def train_controlnet(
     if denoiser.label_embedding is not None:
         denoiser.label_embedding.requires_grad_(False)
     loss_fn = loss_fn or LDMLoss.for_model(config)
+    kwargs = {"name": "controlnet", **kwargs}
     result = train(denoiser, loss_fn, data, train_config, out_dir, **kwargs)
     denoiser = Denoiser.for_model(config)
     denoiser.load_state_dict({**result.ema, **frozen})

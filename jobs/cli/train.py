@@ -54,24 +54,18 @@ def demo_bundle(
     latent/text caches -> latent diffusion (with the label token) ->
     ControlNet on the phantoms' label maps -> export. Resumable: rerun the
     same command after an interruption."""
-    import dataclasses
-
-    from training.demo_bundle import DemoRecipe, build_demo_bundle
+    from training.demo_bundle import build_demo_bundle, recipe_for
 
     _setup_logging()
-    recipe = DemoRecipe()
-    recipe = dataclasses.replace(
-        recipe,
-        preset=preset,
-        encoders=tuple(encoder) if encoder else None,
-        phantoms=phantoms or recipe.phantoms,
-        vae=dataclasses.replace(recipe.vae, steps=vae_steps or recipe.vae.steps),
-        ldm=dataclasses.replace(recipe.ldm, steps=ldm_steps or recipe.ldm.steps),
-        control=None
-        if control_steps == 0
-        else dataclasses.replace(recipe.control, steps=control_steps or recipe.control.steps),
-    )
-    sha = build_demo_bundle(out, work, recipe)
+    overrides: dict = {"encoders": tuple(encoder)} if encoder else {}
+    if phantoms:
+        overrides["phantoms"] = phantoms
+    for stage, steps in (("vae", vae_steps), ("ldm", ldm_steps), ("control", control_steps)):
+        if steps:
+            overrides[stage] = {"steps": steps}
+    if control_steps == 0:
+        overrides["control"] = None
+    sha = build_demo_bundle(out, work, recipe_for(preset, overrides))
     typer.echo(f"bundle {out} sha256 {sha}")
 
 
@@ -88,20 +82,12 @@ def vae(
 ) -> None:
     """Train the VAE on random crops (resumes from the last checkpoint in --out)."""
     from report2ct.config import preset as model_preset
-    from training.demo_bundle import load_volumes
     from training.engine import TrainConfig
-    from training.stages import train_vae
+    from training.runs import train_vae_run
 
     _setup_logging()
-    config = model_preset(preset)
-    volumes, _ = load_volumes(data, config)
-    train_vae(
-        config,
-        volumes,
-        TrainConfig(steps=steps, micro_batch=micro_batch, lr=lr, zero_stage=zero_stage),
-        out,
-        crop=crop,
-    )
+    train_config = TrainConfig(steps=steps, micro_batch=micro_batch, lr=lr, zero_stage=zero_stage)
+    train_vae_run(data, out, model_preset(preset), train_config, crop=crop)
     typer.echo(f"trained; checkpoints in {out / 'checkpoints'}")
 
 
@@ -128,29 +114,14 @@ def ldm(
     """Train the latent diffusion model on cached VAE latents and report
     contexts (computed once into OUT/cache.safetensors), with the label
     token when the preset has one; resumes from OUT."""
-    import dataclasses
-
-    from report2ct.codec import LatentCodec
     from report2ct.config import preset as model_preset
-    from training.caches import latent_text_cache
-    from training.demo_bundle import latent_set, load_volumes
-    from training.engine import TrainConfig, load_ema
-    from training.stages import train_ldm
+    from training.engine import TrainConfig
+    from training.runs import train_ldm_run
 
     _setup_logging()
-    config = model_preset(preset)
-    codec = LatentCodec(config.vae)
-    load_ema(codec.vae, vae_run)
-    volumes, meta = load_volumes(data, config)
-    cached, scale = latent_text_cache(
-        out / "cache.safetensors", codec, config, volumes, meta, encoders_dir=encoders_dir
-    )
-    config = dataclasses.replace(config, latent_scale=scale)
-    train_ldm(
-        config,
-        latent_set(cached, meta, config),
-        TrainConfig(steps=steps, micro_batch=micro_batch, lr=lr, zero_stage=zero_stage),
-        out,
+    train_config = TrainConfig(steps=steps, micro_batch=micro_batch, lr=lr, zero_stage=zero_stage)
+    scale, _ = train_ldm_run(
+        data, vae_run, out, model_preset(preset), train_config, encoders_dir=encoders_dir
     )
     typer.echo(f"trained; checkpoints in {out / 'checkpoints'} (latent scale {scale:.4f})")
 
@@ -172,45 +143,14 @@ def controlnet(
 ) -> None:
     """Train the mask condition: a ControlNet on the data set's label maps
     (legend from masks/legend.json), the LDM run's UNet frozen; resumes from OUT."""
-    from training.demo_bundle import latent_set, load_volumes
+    from report2ct.config import preset as model_preset
     from training.engine import TrainConfig
-    from training.stages import train_controlnet
+    from training.runs import train_controlnet_run
 
     _setup_logging()
-    config, denoiser, cached, _ = _ldm_state(preset, ldm_run, data)
-    _, meta = load_volumes(data, config, masks=True)
-    train_controlnet(
-        config,
-        denoiser,
-        latent_set(cached, meta, config),
-        TrainConfig(steps=steps, micro_batch=micro_batch, lr=lr, zero_stage=zero_stage),
-        out,
-    )
+    train_config = TrainConfig(steps=steps, micro_batch=micro_batch, lr=lr, zero_stage=zero_stage)
+    train_controlnet_run(data, ldm_run, out, model_preset(preset), train_config)
     typer.echo(f"trained; checkpoints in {out / 'checkpoints'}")
-
-
-def _ldm_state(preset: str, ldm_run: Path, data: Path | None):
-    """(config with the run's latent scale and, given a data set, its mask
-    legend; the run's trained denoiser; the run's cache; its step)."""
-    import dataclasses
-
-    from report2ct.config import ControlConfig
-    from report2ct.config import preset as model_preset
-    from report2ct.denoiser import Denoiser
-    from training.caches import latent_scale_factor, load_cache
-    from training.data.ctrate import mask_legend
-    from training.engine import load_ema
-
-    config = model_preset(preset)
-    cache = load_cache(ldm_run / "cache.safetensors")
-    scale = latent_scale_factor(cache["latents"])
-    cache["latents"] = cache["latents"] * scale
-    config = dataclasses.replace(config, latent_scale=scale)
-    denoiser = Denoiser.for_model(config)
-    step = load_ema(denoiser, ldm_run)
-    if data is not None:
-        config = dataclasses.replace(config, control=ControlConfig(legend=mask_legend(data)))
-    return config, denoiser, cache, step
 
 
 @train_app.command("export")
@@ -231,29 +171,18 @@ def export(
 ) -> None:
     """Export the runs' EMA weights (latest checkpoints) as a verified bundle
     that `ctfactory generate --model` loads."""
-    from report2ct.codec import LatentCodec
-    from report2ct.denoiser import Denoiser
-    from training.demo_bundle import export_bundle
-    from training.engine import load_ema
+    from report2ct.config import preset as model_preset
+    from training.export import export_runs
 
     if (controlnet_run is None) != (data is None):
         raise typer.BadParameter("--controlnet-run and --data go together")
-    config, denoiser, _, ldm_step = _ldm_state(preset, ldm_run, data)
-    codec = LatentCodec(config.vae)
-    steps = {"vae": load_ema(codec.vae, vae_run), "ldm": ldm_step}
-    runs = {"vae": vae_run, "ldm": ldm_run}
-    if controlnet_run is not None:
-        controlled = Denoiser.for_model(config)
-        controlled.load_state_dict(denoiser.state_dict(), strict=False)
-        steps["controlnet"] = load_ema(controlled, controlnet_run)
-        denoiser, runs["controlnet"] = controlled, controlnet_run
-    sha = export_bundle(
+    sha = export_runs(
         out,
-        config,
-        codec,
-        denoiser,
+        model_preset(preset),
+        vae_run,
+        ldm_run,
         encoders_dir=encoders_dir,
-        runs=runs,
-        metadata={"steps": steps},
+        controlnet_run=controlnet_run,
+        data=data,
     )
     typer.echo(f"bundle {out} sha256 {sha}")

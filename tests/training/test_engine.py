@@ -1,15 +1,34 @@
 """The DeepSpeed loop on CPU: ZeRO-2 + bf16, the loss goes down on a fixed
-batch, and a killed run resumed gives the same next losses."""
+batch, a run killed with SIGKILL and resumed gives the same next losses and
+EMA (VAE and LDM), each sample's noise does not depend on the batch split,
+a DeepSpeed JSON reaches the engine, and a non-finite loss stops the run."""
 
 import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from report2ct.config import preset
 from report2ct.denoiser import Denoiser
-from training.engine import TrainConfig, batch_indices, lr_lambda, train
+from training.engine import (
+    NonFiniteLossError,
+    TrainConfig,
+    batch_indices,
+    lr_lambda,
+    read_deepspeed_config,
+    sample_generator,
+    train,
+    with_deepspeed,
+)
 from training.stages import LatentSet, LDMLoss, RandomCrops, VAELoss
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def fixed_latents(n=2):
@@ -49,8 +68,10 @@ def test_ldm_loss_goes_down_on_a_fixed_batch(tmp_path):
     )
     loss = LDMLoss(cond_dropout=0.0)
 
-    def fixed(engine, batch, generator):  # the same noise and times every step: a truly fixed batch
-        return loss(engine, batch, generator.manual_seed(0))
+    def fixed(
+        engine, batch, generators
+    ):  # the same noise and times every step: a truly fixed batch
+        return loss(engine, batch, [g.manual_seed(0) for g in generators])
 
     result = train(tiny_denoiser(), fixed, fixed_latents(), config, tmp_path)
     first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
@@ -89,8 +110,8 @@ def test_controlnet_trains_through_deepspeed_on_a_frozen_denoiser(tmp_path):
     )
     loss = LDMLoss(cond_dropout=0.0)
 
-    def fixed(engine, batch, generator):
-        return loss(engine, batch, generator.manual_seed(0))
+    def fixed(engine, batch, generators):
+        return loss(engine, batch, [g.manual_seed(0) for g in generators])
 
     train_config = TrainConfig(
         steps=30, micro_batch=2, lr=2e-3, warmup_steps=2, checkpoint_every=1000, log_every=5
@@ -130,17 +151,188 @@ def test_vae_loss_goes_down_on_fixed_crops(tmp_path):
     assert sum(result.losses[-4:]) / 4 < sum(result.losses[:4]) / 4
 
 
-def test_killed_and_resumed_run_gives_the_same_next_losses(tmp_path):
-    config = TrainConfig(
-        steps=6, micro_batch=2, lr=1e-3, warmup_steps=2, checkpoint_every=3, log_every=1
+class GlobalRNGLoss:
+    """A stage's loss scaled by draws from the global torch, numpy and python
+    RNGs (as dropout or augmentation would draw): a resumed run matches the
+    straight one only if the checkpoint restored all three."""
+
+    def __init__(self, inner, *, block_after: int | None = None):
+        self.inner, self.block_after, self.calls = inner, block_after, 0
+
+    def __call__(self, engine, batch, generators):
+        self.calls += 1
+        if self.block_after is not None and self.calls > self.block_after:
+            # The step after the checkpoint has begun, so the checkpoint is on
+            # disk: tell the test, then wait to be killed.
+            print("CHECKPOINTED", flush=True)
+            sys.stdin.readline()
+        jitter = float(torch.rand(())) + float(np.random.rand()) + random.random()
+        return self.inner(engine, batch, generators) * (1 + 0.01 * jitter)
+
+
+RESUME_CONFIG = TrainConfig(
+    steps=6, micro_batch=2, lr=1e-3, warmup_steps=2, checkpoint_every=3, log_every=1
+)
+
+
+def resume_stage(stage: str, out: str, *, block_after: int | None = None):
+    """Train stage `stage` ("ldm" or "vae") of the resume test into `out`."""
+    if stage == "ldm":
+        module, loss, data = tiny_denoiser(), LDMLoss(0.15), fixed_latents(n=5)
+    else:
+        from report2ct.codec import LatentCodec
+
+        torch.manual_seed(0)
+        volumes = (torch.rand(3, 1, 16, 16, 16) * 2000 - 1000).round().to(torch.int16)
+        module, loss = LatentCodec(preset("tiny").vae).vae, VAELoss()
+        data = RandomCrops(volumes, (16, 16, 16), crops_per_volume=1)
+    return train(module, GlobalRNGLoss(loss, block_after=block_after), data, RESUME_CONFIG, out)
+
+
+@pytest.mark.parametrize("stage", ["ldm", "vae"])
+def test_killed_and_resumed_run_gives_the_same_next_losses(tmp_path, stage):
+    straight = resume_stage(stage, str(tmp_path / "straight"))
+    # A real kill: a process SIGKILLed once its step-3 checkpoint is on disk,
+    # in the middle of step 4; then the same run again in a fresh RNG state.
+    killed = tmp_path / "killed"
+    code = (
+        "from tests.training.test_engine import resume_stage; "
+        f"resume_stage({stage!r}, {str(killed)!r}, block_after=3)"
     )
-    data = fixed_latents(n=5)
-    straight = train(tiny_denoiser(), LDMLoss(0.15), data, config, tmp_path / "straight")
-    # A run killed after its step-3 checkpoint, then the same command again.
-    train(tiny_denoiser(), LDMLoss(0.15), data, config, tmp_path / "killed", stop_after=3)
-    torch.manual_seed(1234)  # the resumed process starts with other RNG state
-    resumed = train(tiny_denoiser(), LDMLoss(0.15), data, config, tmp_path / "killed")
+    # A fresh process: not this one's process group (port, rank) either.
+    launch = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    child = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if k not in launch},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        lines = []
+        for line in child.stdout:  # ends when the child exits, so never hangs on a crash
+            lines.append(line)
+            if line.strip() == "CHECKPOINTED":
+                break
+        else:
+            pytest.fail("the run ended before its checkpoint:\n" + "".join(lines[-40:]))
+    finally:
+        child.kill()
+        child.wait(timeout=60)
+    assert sorted(p.name for p in (killed / "checkpoints").glob("step-*")) == ["step-3"]
+    torch.manual_seed(1234)
+    np.random.seed(1234)
+    random.seed(1234)
+    resumed = resume_stage(stage, str(killed))
     assert resumed.steps == 6
     assert resumed.losses[3:] == pytest.approx(straight.losses[3:], rel=1e-6, abs=1e-7)
     for key, value in straight.ema.items():
         torch.testing.assert_close(resumed.ema[key], value)
+
+
+def test_resume_false_starts_afresh(tmp_path):
+    config = TrainConfig(steps=2, micro_batch=2, warmup_steps=1, checkpoint_every=1, log_every=1)
+    train(tiny_denoiser(), LDMLoss(0.15), fixed_latents(), config, tmp_path)
+    shorter = TrainConfig(steps=1, micro_batch=2, warmup_steps=1, log_every=1)
+    result = train(tiny_denoiser(), LDMLoss(0.15), fixed_latents(), shorter, tmp_path, resume=False)
+    assert result.steps == 1 and len(result.losses) == 1
+    assert [p.name for p in (tmp_path / "checkpoints").glob("step-*")] == ["step-1"]
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 1
+    saved = json.loads((tmp_path / "train_config.json").read_text())
+    assert saved["train"]["steps"] == 1 and saved["world_size"] == 1
+
+
+class Indexed(torch.utils.data.Dataset):
+    """Sample i is the number i: the loss can tell which sample it holds."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        return {"x": torch.tensor([float(index)])}
+
+
+def test_each_samples_noise_does_not_depend_on_the_batch_split(tmp_path):
+    """The same global batch of 2 as one micro-batch of 2 or two of 1 (as on
+    two ranks): every sample draws the same noise at every step."""
+
+    def draws(micro_batch, grad_accum, out):
+        seen = []
+
+        def loss_fn(engine, batch, generators):
+            for x, generator in zip(batch["x"].tolist(), generators, strict=True):
+                seen.append((x[0], torch.rand(3, generator=generator).tolist()))
+            return engine(batch["x"]).float().pow(2).mean()
+
+        torch.manual_seed(0)
+        config = TrainConfig(
+            steps=3, micro_batch=micro_batch, grad_accum=grad_accum, warmup_steps=1, bf16=False
+        )
+        train(torch.nn.Linear(1, 1), loss_fn, Indexed(), config, out)
+        return seen
+
+    whole = draws(2, 1, tmp_path / "whole")
+    split = draws(1, 2, tmp_path / "split")
+    assert whole == split and len(whole) == 6
+    assert len({tuple(noise) for _, noise in whole}) == 6  # no two samples share noise
+    # What ranks do: rank r's sample j of micro-batch m is global index (m * world + r) * micro + j.
+    one_rank = [sample_generator(0, 5, i).initial_seed() for i in range(4)]
+    two_ranks = [
+        sample_generator(0, 5, (0 * 2 + r) * 2 + j).initial_seed() for r in (0, 1) for j in (0, 1)
+    ]
+    assert one_rank == two_ranks
+
+
+def test_a_non_finite_loss_stops_the_run_with_stage_step_and_value(tmp_path):
+    loss, calls = LDMLoss(0.15), []
+
+    def goes_nan(engine, batch, generators):
+        calls.append(1)
+        value = loss(engine, batch, generators)
+        return value * float("nan") if len(calls) == 3 else value
+
+    config = TrainConfig(steps=5, micro_batch=2, warmup_steps=1, checkpoint_every=2)
+    with pytest.raises(NonFiniteLossError, match=r"^ldm: .* at step 3 of 5 .*\[nan\]") as error:
+        train(tiny_denoiser(), goes_nan, fixed_latents(), config, tmp_path, name="ldm")
+    assert "step-2" in str(error.value)  # the last good checkpoint
+    assert [p.name for p in (tmp_path / "checkpoints").glob("step-*")] == ["step-2"]
+
+
+def test_a_deepspeed_json_sets_the_loop_and_reaches_the_engine(tmp_path):
+    settings = read_deepspeed_config(ROOT / "infra/deepspeed/zero2_bf16.json")
+    config = with_deepspeed(TrainConfig(micro_batch=8), settings)
+    assert (config.micro_batch, config.grad_accum, config.zero_stage) == (4, 2, 2)
+    engine_config = config.deepspeed_config(world_size=2)
+    assert engine_config["train_batch_size"] == 16
+    assert engine_config["zero_optimization"]["reduce_bucket_size"] == 50_000_000
+    with pytest.raises(ValueError, match="'optimizer' is built by the training loop"):
+        with_deepspeed(config, {"optimizer": {"type": "Adam"}})
+    with pytest.raises(ValueError, match="ZeRO stage 3"):
+        with_deepspeed(config, {"zero_optimization": {"stage": 3}}).deepspeed_config()
+
+    inline = {
+        "gradient_clipping": 0.5,
+        "zero_optimization": {"stage": 1, "reduce_bucket_size": 1234},
+    }
+    config = with_deepspeed(
+        TrainConfig(steps=1, micro_batch=2, warmup_steps=1, log_every=1),
+        read_deepspeed_config(inline),
+    )
+    train(tiny_denoiser(), LDMLoss(0.15), fixed_latents(), config, tmp_path)
+    saved = json.loads((tmp_path / "train_config.json").read_text())
+    assert saved["deepspeed"]["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 1234}
+    assert saved["deepspeed"]["gradient_clipping"] == 0.5 and saved["train"]["zero_stage"] == 1
+
+
+def test_a_train_job_reads_its_deepspeed_config_into_every_stage(tmp_path):
+    from training.demo_bundle import recipe_for
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 3, "bf16": {"enabled": False}}))
+    recipe = recipe_for("tiny", {"ldm": {"steps": 7}, "phantoms": 6}, read_deepspeed_config(path))
+    assert recipe.preset == "tiny" and recipe.phantoms == 6 and recipe.ldm.steps == 7
+    for stage in (recipe.vae, recipe.ldm, recipe.control):
+        assert stage.micro_batch == 3 and stage.bf16 is False
+    assert recipe_for("tiny", {"control": None}).control is None

@@ -22,13 +22,55 @@ def test_demo_path_exports_a_bundle_the_model_core_samples(tmp_path):
     assert (
         tmp_path / "bundle/encoders/tiny-bert/model.safetensors"
     ).exists()  # the trained report BERT
-    model = load_bundle(tmp_path / "bundle")
-    result = generate(
-        model,
-        [VolumeRequest(seed=0, findings="Right pleural effusion.", impression="Effusion.")],
+    saved = json.loads((tmp_path / "work/ldm/train_config.json").read_text())
+    assert saved["train"]["steps"] == 2 and saved["deepspeed"]["zero_optimization"]["stage"] == 2
+    requests = [
+        VolumeRequest(seed=0, findings="Right pleural effusion.", impression="Effusion."),
+        VolumeRequest(seed=1, findings="Cardiomegaly.", impression="Enlarged heart."),
+    ]
+    exported = generate(load_bundle(tmp_path / "bundle"), requests, num_steps=2).volumes_hu
+    assert exported.shape == (2, 32, 32, 16)
+    # The bundle must sample exactly what the training runs' own EMA weights,
+    # latent scale and legend sample, read without it.
+    work = tmp_path / "work"
+    reference = generate(
+        _model_from_runs(
+            work / "vae",
+            work / "ldm",
+            work / "controlnet",
+            work / "phantoms",
+            work,
+            cache=work / "cache.safetensors",
+        ),
+        requests,
         num_steps=2,
+    ).volumes_hu
+    np.testing.assert_array_equal(exported, reference)
+    assert not np.array_equal(exported[0], exported[1])  # the model responds to its input
+
+
+def _model_from_runs(vae, ldm, controlnet, data, encoders_dir, *, cache=None):
+    """The trained model rebuilt from the run directories alone: each run's
+    latest EMA checkpoint, the latent scale of the cache (the LDM run's), the data
+    set's mask legend, the report BERT under `encoders_dir`."""
+    import dataclasses
+
+    from report2ct.config import ControlConfig, preset
+    from report2ct.pipeline import Report2CT
+    from training.caches import load_latent_cache
+    from training.data.ctrate import mask_legend
+    from training.engine import load_ema
+
+    _, scale = load_latent_cache(cache or ldm / "cache.safetensors")
+    config = preset("tiny")
+    config = dataclasses.replace(
+        config, latent_scale=scale, control=ControlConfig(legend=mask_legend(data))
     )
-    assert result.volumes_hu.shape == (1, 32, 32, 16) and np.isfinite(result.volumes_hu).all()
+    model = Report2CT(config, bundle_dir=encoders_dir)
+    load_ema(model.codec.vae, vae)
+    load_ema(model.denoiser, ldm)  # the UNet and label token
+    load_ema(model.denoiser, controlnet)  # the branch on top
+    return model.eval()
 
 
 def test_one_encoder_recipe_keeps_only_that_encoder(tmp_path):
@@ -122,4 +164,6 @@ def test_stage_commands_train_vae_ldm_controlnet_then_export(tmp_path):
         mask=mask,
     )
     volume = generate(model, [request], num_steps=2).volumes_hu
-    assert np.isfinite(volume).all()
+    runs = [tmp_path / name for name in ("vae", "ldm", "control", "data", "enc")]
+    reference = generate(_model_from_runs(*runs), [request], num_steps=2).volumes_hu
+    np.testing.assert_array_equal(volume, reference)
