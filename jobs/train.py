@@ -30,7 +30,9 @@ def _stage(spec) -> dict:
     if spec.deepspeed_config is not None:
         deepspeed = read_deepspeed_config(spec.deepspeed_config)
     recipe = recipe_for(spec.preset, spec.overrides, deepspeed)
-    sha = build_demo_bundle(spec.output, f"{spec.output}.work", recipe, resume=spec.resume)
+    sha = build_demo_bundle(
+        spec.output, f"{spec.output}.work", recipe, resume=spec.resume, phantoms=spec.data
+    )
     return {"bundle_sha256": sha}
 
 

@@ -108,8 +108,16 @@ def recipe_for(
 
 
 def build_demo_bundle(
-    out: str | Path, work: str | Path, recipe: DemoRecipe = DemoRecipe(), *, resume: bool = True
+    out: str | Path,
+    work: str | Path,
+    recipe: DemoRecipe = DemoRecipe(),
+    *,
+    resume: bool = True,
+    phantoms: str | Path | None = None,
 ) -> str:
+    """Build the bundle into `out`, with scratch under `work`; the recipe's
+    phantom set lives in `phantoms` (default: work/phantoms), written there
+    when absent."""
     out, work = Path(out), Path(work)
     config = preset(recipe.preset)
     if recipe.encoders is not None:
@@ -141,7 +149,7 @@ def build_demo_bundle(
         ledger.parent.mkdir(parents=True, exist_ok=True)
         ledger.write_text(json.dumps({**spent, **timings}, indent=2))
 
-    data = work / "phantoms"
+    data = Path(phantoms) if phantoms is not None else work / "phantoms"
     if not (data / "masks" / "legend.json").exists():
         write_dataset(
             data,
