@@ -76,11 +76,11 @@ def report_text(findings: str | None, impression: str | None) -> str:
     return f"Findings: {(findings or '').strip()} Impression: {(impression or '').strip()}"
 
 
-def generated_cases(index_uri: str) -> list[Case]:
-    """Committed volumes of a factory job run (`index.jsonl`, local or s3://)."""
+def generated_cases(run_uri: str) -> list[Case]:
+    """Committed volumes of a factory job run (its folder, local or s3://)."""
     from factory.reader import GeneratedVolumes
 
-    dataset = GeneratedVolumes(index_uri)
+    dataset = GeneratedVolumes(run_uri)
     cases = []
     for item in (dataset[i] for i in range(len(dataset))):
         cases.append(
@@ -95,7 +95,7 @@ def generated_cases(index_uri: str) -> list[Case]:
             )
         )
     if not cases:
-        raise ValueError(f"{index_uri}: no committed volumes in this job index")
+        raise ValueError(f"{run_uri}: no committed volumes in this run's index")
     return cases
 
 

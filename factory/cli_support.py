@@ -58,7 +58,8 @@ def run_with_progress(options: GenerateOptions) -> int:
         table.add_row("seconds per stage, summed over volumes (workers overlap)", "")
     for name, value in seconds["time_split"].items():
         table.add_row(f"  {name}", f"{value:.2f} s")
-    table.add_row("index", result.summary["index"])
-    table.add_row("errors", result.summary["errors"])
+    table.add_row("index", result.summary["index"]["folder"])
+    if result.summary["errors"]["parts"]:
+        table.add_row("errors", result.summary["errors"]["folder"])
     Console().print(table)
     return result.exit_code

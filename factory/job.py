@@ -1,9 +1,10 @@
 """The generation job: manifest in, committed volumes + index + summary out.
 
-    validate (stream) -> parts of validated records, grouped by output shape
+    list commits/ once -> validate (stream): rejections to the errors,
+    committed records to the index, the rest into parts grouped by shape
     -> Ray Data: parts -> records -> map_batches(GenerateWorker, ActorPool)
-    -> driver streams results: progress, index.jsonl, errors.jsonl
-    -> summary.json, exit code
+    -> driver streams outcomes into index and error parts (factory.index)
+    -> summary.json (refreshed while running), exit code
 
 Exit codes: 0 every record committed; 3 partial (some rejected or failed);
 2 fatal (the job could not run).
@@ -17,16 +18,18 @@ import os
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from factory import commit
-from factory.manifest import ManifestRecord, Rejection, read_manifest
+from factory.index import RunIndex
+from factory.manifest import IdSet, ManifestRecord, Rejection, read_manifest
 from factory.options import GenerateOptions
-from factory.records import Outcome
-from factory.storage import Storage, join, local_copy, open_storage, storage_for
+from factory.records import IndexEntry, Outcome, VolumeTask
+from factory.sources import manifest_rows
+from factory.storage import Storage, join, local_copy, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -61,17 +64,73 @@ class JobResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def _validate(
-    options: GenerateOptions, config, run: Storage, scratch: Path
-) -> tuple[list[str], list[dict], int]:
-    """Stream the manifest; write validated records into parts (one series
-    per output shape) under the run's scratch space; return part keys,
-    rejections and the number of volumes requested."""
-    manifest_store, manifest_key = storage_for(options.manifest)
+@dataclass
+class Plan:
+    """What a manifest asks of a run, before any volume is generated."""
+
+    volumes: int = 0  # volumes requested by the valid records
+    already_committed: int = 0  # of those, committed by an earlier run
+    rejected: int = 0
+    grids: Counter = field(default_factory=Counter)  # (shape, spacing_mm) -> volumes
+
+
+def committed_keys(run: Storage) -> IdSet:
+    """The keys with a commit marker: one paged listing of commits/."""
+    keys, batch = IdSet(), []
+    for name in run.list(commit.COMMITS + "/"):
+        batch.append(name.removeprefix(commit.COMMITS + "/").removesuffix(".json"))
+        if len(batch) >= 4096:
+            keys.add_many(batch)
+            batch = []
+    keys.add_many(batch)
+    return keys
+
+
+def validated(options: GenerateOptions, config, committed: IdSet) -> Iterator[tuple]:
+    """(line, record or Rejection, keys, committed flags) for every row of
+    the manifest, streamed."""
+    rows = manifest_rows(options.manifest, labels=options.labels)
+    for line, result in read_manifest(rows, config=config):
+        if isinstance(result, Rejection):
+            yield line, result, [], []
+            continue
+        keys = [task.key for task in VolumeTask.for_record(line, result)]
+        yield line, result, keys, committed.contains(keys)
+
+
+def plan_generate(
+    options: GenerateOptions, *, on_rejection: Callable[[Rejection], None] | None = None
+) -> Plan:
+    """Validate the manifest against the bundle and count what a run would
+    do; writes nothing (`ctfactory generate --dry-run`)."""
+    config = read_bundle_config(options)[1]
+    committed = committed_keys(open_storage(join(options.output, options.run_name())))
+    plan = Plan()
+    for _, result, keys, done in validated(options, config, committed):
+        if isinstance(result, Rejection):
+            plan.rejected += 1
+            if on_rejection:
+                on_rejection(result)
+            continue
+        shape = tuple(result.shape or config.default_shape)
+        spacing = tuple(result.spacing_mm or config.default_spacing_mm)
+        plan.grids[(shape, spacing)] += len(keys)
+        plan.volumes += len(keys)
+        plan.already_committed += sum(done)
+    return plan
+
+
+def _schedule(
+    options: GenerateOptions, config, run: Storage, sink: RunIndex, scratch: Path
+) -> list[str]:
+    """Stream the manifest: rejections to the errors, records committed by an
+    earlier run to the index (listed once), the rest into parts of validated
+    records (one series per output shape) under the run's scratch space for
+    the workers; returns the part keys."""
     open_parts: dict[tuple, tuple[Path, Any]] = {}  # shape -> (file, handle)
     in_part: Counter = Counter()
     series: Counter = Counter()
-    parts, rejections, volumes = [], [], 0
+    parts = []
 
     def flush(shape):
         path, handle = open_parts.pop(shape)
@@ -81,10 +140,13 @@ def _validate(
         parts.append(key)
         in_part[shape] = 0
 
-    for line, result in read_manifest(manifest_store.iter_lines(manifest_key), config=config):
+    for line, result, keys, done in validated(options, config, committed_keys(run)):
         if isinstance(result, Rejection):
-            rejections.append({**result.to_json(), "status": "rejected"})
+            sink.error({**result.to_json(), "status": "rejected"})
             continue
+        sink.requested += len(keys)
+        if all(done) and _list_committed(run, sink, keys):
+            continue  # committed by an earlier run: never reaches an actor
         shape = tuple(result.shape or config.default_shape)
         if shape not in open_parts:
             series[shape] += 1
@@ -94,12 +156,28 @@ def _validate(
             json.dumps({"line": line, "record": result.model_dump(mode="json")}) + "\n"
         )
         in_part[shape] += 1
-        volumes += result.num_samples
         if in_part[shape] >= RECORDS_PER_PART:
             flush(shape)
     for shape in list(open_parts):
         flush(shape)
-    return parts, rejections, volumes
+    return parts
+
+
+def _list_committed(run: Storage, sink: RunIndex, keys: list[str]) -> bool:
+    """Count a record's committed volumes as skipped, listing those the index
+    lacks (a driver killed between their commit and its next part) from
+    their markers. False, counting nothing, if a marker is missing after all
+    (two keys sharing a 64-bit digest): the workers then decide."""
+    listed = sink.listed.contains(keys)
+    markers = {
+        k: commit.read_commit(run, k) for k, seen in zip(keys, listed, strict=True) if not seen
+    }
+    if any(marker is None for marker in markers.values()):
+        return False
+    sink.skipped_listed(len(keys) - len(markers))
+    for marker in markers.values():
+        sink.committed("skipped", IndexEntry.from_json(marker["index"]))
+    return True
 
 
 def _read_part(row: dict[str, Any], *, run_root: str) -> list[dict[str, str]]:
@@ -125,6 +203,9 @@ def _ensure_ray(options: GenerateOptions):
     context.enable_progress_bars = False
     context.enable_operator_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # ...and Ray Data warns once that its bars are off, which we chose: a
+    # line the user can do nothing with.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     return ray
 
 
@@ -146,134 +227,91 @@ def _cpus_per_worker(ray, options: GenerateOptions) -> float:
     return options.cpus_per_worker
 
 
+def read_bundle_config(options: GenerateOptions):
+    """(bundle URI, model config, sha256) of the job's bundle, verified."""
+    from report2ct.bundle import read_config, verify_bundle
+
+    bundle_uri = options.bundle or str(DEFAULT_BUNDLE)
+    bundle_dir = local_copy(bundle_uri)
+    return bundle_uri, read_config(bundle_dir), verify_bundle(bundle_dir)
+
+
 def run_generate(
     options: GenerateOptions,
     *,
-    on_progress: Callable[[dict[str, Any]], None] | None = None,
+    on_progress: Callable[[Outcome], None] | None = None,
     on_total: Callable[[int], None] | None = None,
 ) -> JobResult:
     """Run a generate job to completion (or resume one: committed volumes are
-    skipped). `on_progress` receives every result row as it arrives."""
-    from factory.worker import GenerateWorker, WorkerOptions
-    from report2ct.bundle import read_config, verify_bundle
-
-    started = time.time()
+    skipped). `on_progress` receives every volume's outcome as it arrives."""
     run_uri = join(options.output, options.run_name())
     run = open_storage(run_uri)
-    bundle_uri = options.bundle or str(DEFAULT_BUNDLE)
-    bundle_dir = local_copy(bundle_uri)
-    bundle_sha = verify_bundle(bundle_dir)
-    config = read_config(bundle_dir)
-
-    with tempfile.TemporaryDirectory() as scratch:
-        parts, rejections, volumes = _validate(options, config, run, Path(scratch))
-    validated_s = time.time() - started
-    log.info("%s: %d volumes requested, %d records rejected", run_uri, volumes, len(rejections))
-    if on_total:
-        on_total(volumes)
-
-    outcomes: list[Outcome] = []
-    if parts:
-        ray = _ensure_ray(options)
-        worker_options = WorkerOptions(
-            bundle=bundle_uri,
-            run_root=run_uri,
-            sampling=options.sampling(),
-            batch_size=options.batch_size,
-            max_tries=options.max_task_retries + 1,
-            job_id=commit.new_attempt(),
-            nifti=options.nifti,
-            preview=options.preview,
-            extra_provenance={"job": {"manifest": options.manifest, "run": run_uri}},
-        )
-        dataset = (
-            ray.data.from_items([{"part": key} for key in parts])
-            .flat_map(_read_part, fn_kwargs={"run_root": run_uri})
-            # One block per batch, so batches spread over every actor of the pool.
-            .repartition(target_num_rows_per_block=options.batch_size)
-            .map_batches(
-                GenerateWorker,
-                fn_constructor_kwargs={"options": worker_options},
-                batch_size=options.batch_size,
-                compute=ray.data.ActorPoolStrategy(size=options.workers),
-                num_gpus=options.gpus_per_worker or None,
-                num_cpus=_cpus_per_worker(ray, options),
-                # Ray Data restarts dead actors and retries their batches
-                # without bound; the workers bound the tries per volume
-                # themselves (WorkerOptions.max_tries), against storage.
-                runtime_env={"env_vars": _forwarded_env()},
-            )
-        )
-        for item in dataset.iter_rows():
-            outcome = Outcome.from_json(json.loads(item["result"]))
-            outcomes.append(outcome)
-            if on_progress:
-                on_progress(outcome)
-
-    return _finish(
-        run,
-        options,
-        bundle_sha=bundle_sha,
-        outcomes=outcomes,
-        rejections=rejections,
-        volumes=volumes,
-        seconds={"total": time.time() - started, "validate": validated_s},
-    )
-
-
-def _finish(
-    run: Storage,
-    options: GenerateOptions,
-    *,
-    bundle_sha: str,
-    outcomes: list[Outcome],
-    rejections: list[dict[str, Any]],
-    volumes: int,
-    seconds: dict[str, float],
-) -> JobResult:
-    """Write index.jsonl, errors.jsonl and summary.json; the exit code."""
-    committed = [o for o in outcomes if o.entry is not None]
-    failed = [o.error_row() for o in outcomes if o.status == "failed"]
-    committed.sort(key=lambda o: (o.id, o.sample))
-    run.write_bytes(
-        "index.jsonl", "".join(json.dumps(o.entry.to_json()) + "\n" for o in committed).encode()
-    )
-    errors = sorted(
-        rejections + failed, key=lambda row: (row.get("line") or 0, row.get("id") or "")
-    )
-    run.write_bytes("errors.jsonl", "".join(json.dumps(e) + "\n" for e in errors).encode())
-
-    elapsed = seconds["total"]
-    generated = [o for o in committed if o.status == "generated"]
-    split = Counter()
-    for outcome in generated:
-        split.update(outcome.entry.timings_s)
-    counts = {
-        "volumes_requested": volumes,
-        "committed": len(committed),
-        "generated": len(generated),
-        "skipped_already_committed": len(committed) - len(generated),
-        "failed": len(failed),
-        "records_rejected": len(rejections),
-    }
-    missing = volumes - len(committed)
-    exit_code = EXIT_OK if not errors and missing == 0 else EXIT_PARTIAL
-    summary = {
-        "run": run.root,
+    bundle_uri, config, bundle_sha = read_bundle_config(options)
+    about = {
+        "run": run_uri,
         "manifest": options.manifest,
         "bundle_sha256": bundle_sha,
         "options": options.model_dump(mode="json"),
-        "counts": counts,
-        "exit_code": exit_code,
-        # time_split: seconds per stage summed over every generated volume
-        # (workers run in parallel, so the sum exceeds the wall time).
-        "seconds": {**seconds, "time_split": dict(split)},
-        "volumes_per_hour": len(generated) / elapsed * 3600 if elapsed > 0 else 0.0,
-        "index": run.uri("index.jsonl"),
-        "errors": run.uri("errors.jsonl"),
     }
-    run.write_bytes("summary.json", json.dumps(summary, indent=2).encode())
-    return JobResult(run_uri=run.root, exit_code=exit_code, counts=counts, summary=summary)
+    with RunIndex(run, about=about) as sink:
+        with tempfile.TemporaryDirectory() as scratch:
+            parts = _schedule(options, config, run, sink, Path(scratch))
+        sink.seconds["validate"] = time.time() - sink.started
+        log.info("%s: %d volumes requested", run_uri, sink.requested)
+        if on_total:
+            on_total(sink.requested)
+        if parts:
+            for outcome in _generate(options, bundle_uri, run_uri, parts):
+                if outcome.entry is not None:
+                    sink.committed(outcome.status, outcome.entry)
+                else:
+                    sink.error(outcome.error_row())
+                if on_progress:
+                    on_progress(outcome)
+        summary = sink.close()
+    return JobResult(
+        run_uri=run_uri, exit_code=summary["exit_code"], counts=summary["counts"], summary=summary
+    )
+
+
+def _generate(
+    options: GenerateOptions, bundle_uri: str, run_uri: str, parts: list[str]
+) -> Iterator[Outcome]:
+    """The workers' outcomes, as they arrive, for the records in `parts`."""
+    from factory.worker import GenerateWorker, WorkerOptions
+
+    ray = _ensure_ray(options)
+    worker_options = WorkerOptions(
+        bundle=bundle_uri,
+        run_root=run_uri,
+        sampling=options.sampling(),
+        batch_size=options.batch_size,
+        max_tries=options.max_task_retries + 1,
+        job_id=commit.new_attempt(),
+        nifti=options.nifti,
+        preview=options.preview,
+        extra_provenance={"job": {"manifest": options.manifest, "run": run_uri}},
+    )
+    dataset = (
+        ray.data.from_items([{"part": key} for key in parts])
+        .flat_map(_read_part, fn_kwargs={"run_root": run_uri})
+        # One block per batch, so batches spread over every actor of the pool.
+        .repartition(target_num_rows_per_block=options.batch_size)
+        .map_batches(
+            GenerateWorker,
+            fn_constructor_kwargs={"options": worker_options},
+            batch_size=options.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=options.workers),
+            num_gpus=options.gpus_per_worker or None,
+            num_cpus=_cpus_per_worker(ray, options),
+            # Ray Data restarts dead actors and retries their batches
+            # without bound; the workers bound the tries per volume
+            # themselves (WorkerOptions.max_tries), against storage.
+            runtime_env={"env_vars": _forwarded_env()},
+        )
+    )
+    for item in dataset.iter_rows():
+        yield Outcome.from_json(json.loads(item["result"]))
 
 
 def cleanup_run(run_uri: str) -> dict[str, int]:

@@ -28,7 +28,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -47,6 +47,7 @@ from report2ct.config import ModelConfig
 from report2ct.labels import CTRATE_LABELS
 from report2ct.rng import volume_seed
 
+UTF8_BOM = b"\xef\xbb\xbf"
 MAX_LINE_BYTES = 1 << 20  # 1 MiB: CT-RATE reports are a few KB; anything near this is not a report
 MAX_TEXT_CHARS = 64_000
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
@@ -192,6 +193,12 @@ def parse_line(raw: bytes, line: int, *, config: ModelConfig | None) -> Manifest
         data = json.loads(text)
     except json.JSONDecodeError as error:
         return Rejection(line, None, f"malformed JSON: {error.msg} at column {error.colno}")
+    return parse_record(data, line, config=config)
+
+
+def parse_record(data: Any, line: int, *, config: ModelConfig | None) -> ManifestRecord | Rejection:
+    """One decoded record (a JSON object, a CSV or Parquet row) -> a valid
+    record or a rejection (never raises)."""
     if not isinstance(data, dict):
         return Rejection(line, None, f"a record is a JSON object, got {type(data).__name__}")
     record_id = data.get("id") if isinstance(data.get("id"), str) else None
@@ -240,15 +247,27 @@ class IdSet:
     def digest(value: str) -> int:
         return int.from_bytes(hashlib.blake2b(value.encode(), digest_size=8).digest(), "little")
 
+    def _digests(self, values: list[str]) -> np.ndarray:
+        return np.fromiter((self.digest(v) for v in values), dtype=np.uint64, count=len(values))
+
+    def _seen(self, keys: np.ndarray) -> np.ndarray:
+        seen = np.zeros(len(keys), dtype=bool)
+        for chunk in self._chunks:
+            at = np.searchsorted(chunk, keys).clip(max=len(chunk) - 1)
+            seen |= chunk[at] == keys
+        return seen
+
+    def contains(self, values: list[str]) -> list[bool]:
+        """For each value, whether it was added before."""
+        return self._seen(self._digests(values)).tolist()
+
     def add_many(self, values: list[str]) -> list[bool]:
         """Add every value; for each, False if it was seen before (in an
         earlier batch or earlier in this one)."""
-        keys = np.fromiter((self.digest(v) for v in values), dtype=np.uint64, count=len(values))
+        keys = self._digests(values)
         fresh = np.zeros(len(keys), dtype=bool)
         fresh[np.unique(keys, return_index=True)[1]] = True  # first occurrences in the batch
-        for chunk in self._chunks:
-            at = np.searchsorted(chunk, keys).clip(max=len(chunk) - 1)
-            fresh &= chunk[at] != keys
+        fresh &= ~self._seen(keys)
         new = np.sort(keys[fresh])
         while len(new):
             if self._chunks and len(self._chunks[-1]) < self._chunk:
@@ -265,13 +284,23 @@ class IdSet:
 
 
 def read_manifest(
-    lines: Iterator[bytes], *, config: ModelConfig | None = None, batch: int = 4096
+    lines: Iterable[bytes | dict | Rejection],
+    *,
+    config: ModelConfig | None = None,
+    batch: int = 4096,
 ) -> Iterator[tuple[int, ManifestRecord | Rejection]]:
-    """(line number, record or rejection) for every non-blank line, in order."""
+    """(line number, record or rejection) for every non-blank line (JSON
+    bytes) or row (a dict, from `factory.sources`), in order."""
     seen = IdSet()
     pending: list[tuple[int, ManifestRecord | Rejection]] = []
     for number, raw in enumerate(lines, start=1):
-        if raw.strip():
+        if isinstance(raw, dict):  # a row of a tabular manifest (factory.sources)
+            pending.append((number, parse_record(raw, number, config=config)))
+        elif isinstance(raw, Rejection):  # refused by its source (factory.sources)
+            pending.append((number, Rejection(number, raw.id, raw.reason)))
+        elif raw.strip():
+            if number == 1:
+                raw = raw.removeprefix(UTF8_BOM)  # editors on Windows write one
             pending.append((number, parse_line(raw, number, config=config)))
         if len(pending) >= batch:
             yield from _without_duplicates(pending, seen)

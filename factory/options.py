@@ -24,8 +24,15 @@ class GenerateOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    manifest: Uri = Field(description="JSONL manifest: a local path or s3://bucket/key")
+    manifest: Uri = Field(
+        description="manifest (local path or s3://): JSONL, JSONL.gz, Parquet, or CT-RATE's "
+        "reports CSV (with --labels)"
+    )
     output: Uri = Field(description="output root: a local directory or s3://bucket/prefix")
+    labels: Uri | None = Field(
+        None,
+        description="CT-RATE labels CSV, joined by VolumeName to a CT-RATE reports CSV manifest",
+    )
     bundle: Uri | None = Field(
         None, description="model bundle (local dir or s3://); default: the committed demo bundle"
     )

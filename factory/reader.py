@@ -4,13 +4,13 @@ Each item is one committed volume: `volume` (1, X, Y, Z) float32 HU in the
 model's RAS+ axes, `labels` (18,) float32 in CT-RATE's order, the report, the
 spacing and the id, and for a volume generated from a label map, `mask`
 (1, X, Y, Z) int64 on the same grid with `mask_classes` ({value: name}).
-Only volumes whose commit marker exists are served: uncommitted leftovers of
-killed attempts are invisible here.
+Only committed volumes are served (the index lists nothing else):
+uncommitted leftovers of killed attempts are invisible here. Opening the
+dataset reads the run's index parts, not one request per volume.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
@@ -18,8 +18,9 @@ import torch
 import zarr
 from torch.utils.data import Dataset
 
-from factory import commit
-from factory.storage import open_storage, storage_for
+from factory.index import INDEX, read_index
+from factory.records import IndexEntry
+from factory.storage import open_storage
 from factory.writer import MASK_LABEL
 from report2ct.labels import CTRATE_LABELS
 
@@ -60,31 +61,45 @@ def open_volume_and_mask(uri: str):
     return volume, spacing, dict(group.attrs), mask, classes
 
 
-class GeneratedVolumes(Dataset):
-    """Committed volumes of one job run, from its `index.jsonl`."""
+def run_of(uri: str) -> str:
+    """A run's root from the run URI itself, its index folder, its
+    summary.json, or an index part."""
+    uri = uri.rstrip("/")
+    for tail in ("/summary.json", "/index.jsonl"):
+        if uri.endswith(tail):
+            return uri[: -len(tail)]
+    head, _, name = uri.rpartition("/")
+    if name == INDEX:
+        return head
+    if head.endswith("/" + INDEX) and name.endswith(".jsonl"):
+        return head.rpartition("/")[0]
+    return uri
 
-    def __init__(self, index_uri: str, *, check_commits: bool = True) -> None:
-        run, key = storage_for(index_uri)  # the index lies at the run's root
-        self.entries = [json.loads(line) for line in run.iter_lines(key) if line.strip()]
-        if check_commits:
-            self.entries = [e for e in self.entries if run.exists(commit.commit_path(e["key"]))]
+
+class GeneratedVolumes(Dataset):
+    """Committed volumes of one job run, from its index parts (only
+    committed volumes are ever listed there, each once)."""
+
+    def __init__(self, run_uri: str) -> None:
+        run = open_storage(run_of(run_uri))
+        self.entries: list[IndexEntry] = list(read_index(run))
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         entry = self.entries[index]
-        volume, spacing, _attrs, mask, classes = open_volume_and_mask(entry["uri"])
+        volume, spacing, _attrs, mask, classes = open_volume_and_mask(entry.uri)
         item = {
-            "id": entry["id"],
+            "id": entry.id,
             "volume": torch.from_numpy(volume.astype(np.float32))[None],  # (1, X, Y, Z) HU
             "labels": torch.tensor(
-                [entry["labels"][name] for name in CTRATE_LABELS], dtype=torch.float32
+                [entry.labels[name] for name in CTRATE_LABELS], dtype=torch.float32
             ),
-            "findings": entry["findings"],
-            "impression": entry["impression"],
+            "findings": entry.findings,
+            "impression": entry.impression,
             "spacing_mm": torch.tensor(spacing, dtype=torch.float32),
-            "seed": entry["seed"],
+            "seed": entry.seed,
         }
         if mask is not None:
             item["mask"] = torch.from_numpy(mask.astype(np.int64))[None]  # (1, X, Y, Z)

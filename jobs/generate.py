@@ -3,7 +3,7 @@
     ray job submit -- python -m jobs.generate --spec generate.yaml
 
 Exit code 0: every record committed; 3: some rejected or failed (see
-errors.jsonl); 2: the job could not run.
+<run>/errors/); 2: the job could not run.
 """
 
 import json

@@ -9,7 +9,6 @@ with the demo-control bundle to ./out/demo-control, whose volumes carry
 their masks.
 """
 
-import json
 from pathlib import Path
 
 import typer
@@ -31,7 +30,9 @@ def demo(
     from rich.console import Console
 
     from factory.cli_support import run_with_progress
+    from factory.index import read_index
     from factory.job import CONTROL_BUNDLE, DEFAULT_BUNDLE, GenerateOptions
+    from factory.storage import open_storage
 
     console = Console()
     jobs = [
@@ -60,12 +61,8 @@ def demo(
             nifti=True,
         )
         codes.append(run_with_progress(options))
-        index = out / run / "index.jsonl"
-        previews = (
-            [json.loads(line)["preview_uri"] for line in index.read_text().splitlines() if line]
-            if index.exists()
-            else []
-        )
+        index = read_index(open_storage(str(out / run)))
+        previews = [entry.preview_uri for entry in index if entry.preview_uri]
         if previews:
             console.print(
                 f"previews: {len(previews)} PNGs (axial, coronal, sagittal; lung and "

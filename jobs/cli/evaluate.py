@@ -12,7 +12,7 @@ from jobs.cli._app import app
 @app.command()
 def evaluate(
     generated: str = typer.Option(
-        ..., "--generated", "-g", help="a generate job's index.jsonl (local path or s3://)"
+        ..., "--generated", "-g", help="a generate job's run (<output>/<run>, local path or s3://)"
     ),
     reference: Path = typer.Option(
         ..., "--reference", "-r", help="CT-RATE-layout data set (a phantom set or CT-RATE)"

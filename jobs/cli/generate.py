@@ -47,6 +47,13 @@ def generate(
         False, "--preview", help=GenerateOptions.model_fields["preview"].description
     ),
     max_task_retries: int | None = _flag("max_task_retries"),
+    labels: str | None = _flag("labels"),
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        help="validate the manifest against the bundle and print the plan (volumes per output "
+        "grid, rejections with line and reason); writes nothing; exit 0 all valid, 3 otherwise",
+    ),
 ) -> None:
     """Generate one CT volume per manifest record, as OME-Zarr with provenance.
 
@@ -54,9 +61,10 @@ def generate(
     --bundle, --num-steps, --guidance-scale, ...; --out, --model, --steps and
     --guidance are kept as aliases). A rerun of the same manifest into the
     same --output/--run skips every committed volume and generates only the
-    rest. Results: <output>/<run>/ index.jsonl (committed volumes),
-    errors.jsonl (rejected or failed records, with line and reason),
-    summary.json. Exit code 0: all committed; 3: some records rejected or
+    rest. Results: <output>/<run>/ index/ (committed volumes), errors/
+    (rejected or failed records, with line and reason), written in parts as
+    they arrive, and summary.json (counts, rate and ETA while running).
+    --dry-run validates the manifest and prints the plan without writing. Exit code 0: all committed; 3: some records rejected or
     failed; 2: the job could not run. S3 is reached through the standard AWS
     settings (AWS_ENDPOINT_URL, credentials chain, region).
     """
@@ -72,7 +80,34 @@ def generate(
             f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" for e in error.errors()
         )
         raise typer.BadParameter(problems) from None
-    raise typer.Exit(run_with_progress(options))
+    raise typer.Exit(print_plan(options) if dry_run else run_with_progress(options))
+
+
+def print_plan(options: GenerateOptions) -> int:
+    """`--dry-run`: what the job would do, and every rejection; exit code."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from factory.job import EXIT_OK, EXIT_PARTIAL, plan_generate
+
+    console = Console()
+    plan = plan_generate(
+        options,
+        on_rejection=lambda r: console.print(
+            f"line {r.line}: {r.id or '(no id)'}: {r.reason}", markup=False, highlight=False
+        ),
+    )
+    table = Table(title=f"plan for {options.manifest}")
+    for column in ("output grid (voxels)", "spacing (mm)", "volumes"):
+        table.add_column(column, justify="right")
+    for (shape, spacing), count in sorted(plan.grids.items()):
+        table.add_row("x".join(map(str, shape)), " x ".join(f"{v:g}" for v in spacing), str(count))
+    console.print(table)
+    console.print(
+        f"{plan.volumes} volumes requested ({plan.already_committed} already committed in this "
+        f"run), {plan.rejected} records rejected; nothing written"
+    )
+    return EXIT_OK if plan.rejected == 0 else EXIT_PARTIAL
 
 
 OPTION_FIELDS = frozenset(GenerateOptions.model_fields)

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import zarr
 
+from factory.index import read_errors
 from factory.job import EXIT_OK, EXIT_PARTIAL, GenerateOptions, run_generate
+from factory.storage import open_storage
 from report2ct.labels import CTRATE_LABELS
 
 pytestmark = pytest.mark.integration
@@ -42,9 +44,14 @@ def put_manifest(s3, bucket, key, rows):
     return f"s3://{bucket}/{key}"
 
 
-def read_run(s3, bucket, run_prefix, name):
-    body = s3.client().get_object(Bucket=bucket, Key=f"{run_prefix}/{name}")["Body"].read().decode()
-    return [json.loads(line) for line in body.splitlines() if line]
+def read_run(s3, bucket, run_prefix, folder):
+    """Every row of the run's index or errors parts, read with plain boto3."""
+    client, rows = s3.client(), []
+    listing = client.list_objects_v2(Bucket=bucket, Prefix=f"{run_prefix}/{folder}/")
+    for item in sorted(listing.get("Contents", []), key=lambda item: item["Key"]):
+        body = client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read().decode()
+        rows.extend(json.loads(line) for line in body.splitlines() if line)
+    return rows
 
 
 def download_group(s3, bucket, prefix, into: Path) -> Path:
@@ -73,7 +80,7 @@ def test_manifest_on_s3_to_committed_ome_zarr_on_s3(s3_server, s3_bucket, ray_lo
     assert result.exit_code == EXIT_OK, result.summary
     assert result.counts["committed"] == result.counts["generated"] == 8
 
-    index = read_run(s3_server, s3_bucket, "out/batch", "index.jsonl")
+    index = read_run(s3_server, s3_bucket, "out/batch", "index")
     assert sorted(row["id"] for row in index) == [f"vol-{i:03d}" for i in range(8)]
     gpu_ids = set()
     for row in index:
@@ -144,7 +151,7 @@ def test_killed_actors_still_commit_every_record_exactly_once(
     client = s3_server.client()
     kills = client.list_objects_v2(Bucket=s3_bucket, Prefix="out/chaos/_work/faults/")["Contents"]
     assert len(kills) == 2  # the faults really happened
-    index = read_run(s3_server, s3_bucket, "out/chaos", "index.jsonl")
+    index = read_run(s3_server, s3_bucket, "out/chaos", "index")
     assert sorted(r["id"] for r in index) == [f"vol-{i:03d}" for i in range(8)]  # no duplicates
     # The killed attempts left data no commit names: invisible, then cleaned.
     from factory.commit import cleanup, find_leftovers
@@ -155,7 +162,7 @@ def test_killed_actors_still_commit_every_record_exactly_once(
     leftovers = find_leftovers(run)
     assert len(leftovers) == 2
     assert all(r["uri"].split("/out/chaos/")[1] not in leftovers for r in index)
-    dataset = GeneratedVolumes(f"s3://{s3_bucket}/out/chaos/index.jsonl")
+    dataset = GeneratedVolumes(f"s3://{s3_bucket}/out/chaos")
     assert len(dataset) == 8 and dataset[0]["volume"].shape == (1, 32, 32, 16)
     assert cleanup(run)["leftover_objects_removed"] > 0
     assert find_leftovers(run) == []
@@ -174,9 +181,7 @@ def test_bad_rows_reported_good_rows_committed(tmp_path, ray_local, tiny_bundle)
     result = run_generate(options(str(manifest), str(tmp_path / "out"), tiny_bundle))
     assert result.exit_code == EXIT_PARTIAL
     assert result.counts["committed"] == 3 and result.counts["records_rejected"] == 4
-    errors = [
-        json.loads(line) for line in (tmp_path / "out/mixed/errors.jsonl").read_text().splitlines()
-    ]
+    errors = list(read_errors(open_storage(str(tmp_path / "out/mixed"))))
     assert [(e["line"], e["id"]) for e in errors] == [
         (4, None),
         (5, "vol-010"),
@@ -191,7 +196,7 @@ def test_same_seed_same_volume_whatever_workers_and_batch(tmp_path, ray_local, t
     manifest.write_text("".join(json.dumps(r) + "\n" for r in records(4)))
     runs = {}
     for name, workers, batch in (("one", 1, 1), ("two", 2, 2)):
-        run_generate(
+        result = run_generate(
             options(
                 str(manifest),
                 str(tmp_path / "out"),
@@ -202,11 +207,16 @@ def test_same_seed_same_volume_whatever_workers_and_batch(tmp_path, ray_local, t
                 precision="fp32",
             )
         )
+        # A run that committed nothing (or not everything) must not pass as
+        # "the same volumes": both runs generate all 4.
+        assert result.exit_code == EXIT_OK, (name, result.summary)
+        assert result.counts["committed"] == result.counts["generated"] == 4, (name, result.counts)
         from factory.reader import GeneratedVolumes
 
         runs[name] = {
             item["id"]: item["volume"].numpy()
-            for item in GeneratedVolumes(str(tmp_path / f"out/{name}/index.jsonl"))
+            for item in GeneratedVolumes(str(tmp_path / f"out/{name}"))
         }
+    assert sorted(runs["one"]) == sorted(runs["two"]) == [f"vol-{i:03d}" for i in range(4)]
     for key, volume in runs["one"].items():
         assert np.abs(volume - runs["two"][key]).max() <= 1.0, key  # kernels may round differently

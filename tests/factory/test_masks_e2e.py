@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 import zarr
 
+from factory.index import read_errors
 from factory.job import EXIT_PARTIAL, GenerateOptions, run_generate
 from factory.reader import GeneratedVolumes
+from factory.storage import open_storage
 from phantom.world import make_mask
 from report2ct.config import preset
 
@@ -63,21 +65,14 @@ def test_masks_from_uris_and_the_phantom_world_end_in_labels(
     assert result.counts["committed"] == 3, result.summary
 
     errors = {
-        e["id"]: e["reason"]
-        for e in map(
-            json.loads,
-            client.get_object(Bucket=s3_bucket, Key="out/masks/errors.jsonl")["Body"]
-            .read()
-            .decode()
-            .splitlines(),
-        )
+        e["id"]: e["reason"] for e in read_errors(open_storage(f"s3://{s3_bucket}/out/masks"))
     }
     assert "unknown label values [99]" in errors["unknown-value"]
     assert "a label map is 3-D" in errors["flat"]
     assert "neither text" in errors["nothing"]
 
-    index_uri = f"s3://{s3_bucket}/out/masks/index.jsonl"
-    items = {item["id"]: item for item in GeneratedVolumes(index_uri)}
+    run_uri = f"s3://{s3_bucket}/out/masks"
+    items = {item["id"]: item for item in GeneratedVolumes(run_uri)}
     assert set(items) == {"uri", "drawn", "by-labels"}
     assert "mask" not in items["by-labels"] and items["by-labels"]["labels"][2] == 1.0
     assert np.array_equal(items["uri"]["mask"][0].numpy(), truth)
@@ -97,14 +92,34 @@ def test_masks_from_uris_and_the_phantom_world_end_in_labels(
     from evaluation.adherence import mask_adherence
     from evaluation.data import generated_cases
 
-    masked = [c for c in generated_cases(index_uri) if c.mask is not None]
+    masked = [c for c in generated_cases(run_uri) if c.mask is not None]
     assert sorted(c.id for c in masked) == ["drawn", "uri"]
     adherence = mask_adherence((c.volume_hu, c.mask, c.mask_classes) for c in masked)
-    assert adherence["volumes"] == 2 and 0.0 <= adherence["overall"] <= 1.0
+    assert adherence["volumes"] == 2
+    # Known answers on the masks as read back: a volume painted from its map
+    # (each class at the middle of its tissue's HU range) adheres everywhere,
+    # one painted at -275 HU (inside no tissue's range) nowhere. A mask read
+    # back shifted, transposed or with the wrong class names fails the first.
+    from evaluation.adherence import TISSUE_HU, tissue_of
+
+    def painted(case):
+        volume = np.full(case.mask.shape, -275.0)
+        for value, tissue in tissue_of(case.mask_classes).items():
+            low, high = TISSUE_HU["air" if value == 0 else tissue]
+            volume[case.mask == value] = (low + high) / 2
+        return volume
+
+    matching = mask_adherence((painted(c), c.mask, c.mask_classes) for c in masked)
+    assert matching["overall"] == matching["in_body"] == 1.0, matching
+    assert {"lung", "soft_tissue", "bone"} <= set(matching["per_tissue"])
+    against = mask_adherence(
+        (np.full(c.mask.shape, -275.0), c.mask, c.mask_classes) for c in masked
+    )
+    assert against["overall"] == against["in_body"] == 0.0, against
 
     # An independent reader: the objects copied with boto3, opened by zarr alone.
     for name in ("uri", "drawn"):
-        prefix = _uri_of(index_uri, client, s3_bucket, name)
+        prefix = _uri_of("out/masks", client, s3_bucket, name)
         local = _download(client, s3_bucket, prefix, tmp_path / name)
         image = zarr.open_group(str(local), mode="r")
         label = zarr.open_group(str(local / "labels" / "mask"), mode="r")
@@ -125,10 +140,15 @@ def test_masks_from_uris_and_the_phantom_world_end_in_labels(
         validate_ome_zarr(local)
 
 
-def _uri_of(index_uri, client, bucket, record_id):
-    key = index_uri.removeprefix(f"s3://{bucket}/")
-    for line in client.get_object(Bucket=bucket, Key=key)["Body"].read().decode().splitlines():
-        row = json.loads(line)
+def _uri_of(run_prefix, client, bucket, record_id):
+    """The record's image, found in the index parts with plain boto3."""
+    listing = client.list_objects_v2(Bucket=bucket, Prefix=f"{run_prefix}/index/")["Contents"]
+    lines = [
+        line
+        for item in listing
+        for line in client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read().splitlines()
+    ]
+    for row in map(json.loads, lines):
         if row["id"] == record_id:
             assert row["mask"].endswith("/labels/mask")
             return row["uri"].removeprefix(f"s3://{bucket}/")

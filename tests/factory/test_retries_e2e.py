@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from factory import commit
+from factory.index import read_errors, read_index
 from factory.job import EXIT_OK, EXIT_PARTIAL, GenerateOptions, run_generate
 from factory.storage import open_storage
 from factory.worker import GenerateWorker, WorkerOptions
@@ -35,13 +36,11 @@ def test_a_volume_that_kills_its_worker_fails_after_its_tries_and_a_rerun_retrie
     first = run_generate(options)
     assert first.exit_code == EXIT_PARTIAL, first.summary
     assert first.counts["committed"] == 2 and first.counts["failed"] == 1
-    errors = [
-        json.loads(line) for line in (tmp_path / "out/m/errors.jsonl").read_text().splitlines()
-    ]
+    run = open_storage(str(tmp_path / "out/m"))
+    errors = list(read_errors(run))
     assert [(e["id"], e["line"]) for e in errors] == [("b", 2)]
     assert "gave up after 2 tries" in errors[0]["reason"]
     # Two tries were claimed (each ended with the worker's death), no third.
-    run = open_storage(str(tmp_path / "out/m"))
     tries = [k for k in run.list("_work/tries/") if k.split("/")[-2] == "b"]
     assert sorted(k.rsplit("/", 1)[1] for k in tries) == ["1", "2", "3"]  # 3: the refusal
 
@@ -49,8 +48,7 @@ def test_a_volume_that_kills_its_worker_fails_after_its_tries_and_a_rerun_retrie
     second = run_generate(options)
     assert second.exit_code == EXIT_OK, second.summary
     assert second.counts["generated"] == 1 and second.counts["skipped_already_committed"] == 2
-    index = [json.loads(line) for line in (tmp_path / "out/m/index.jsonl").read_text().splitlines()]
-    assert [row["id"] for row in index] == ["a", "b", "c"]
+    assert sorted(entry.id for entry in read_index(run)) == ["a", "b", "c"]
 
 
 @pytest.fixture

@@ -41,8 +41,11 @@ def test_submit_generate_spec_once(ray_head, tiny_bundle, tmp_path):
     first = runner.invoke(app, ["submit", str(spec), "--address", ray_head.address, "--wait"])
     assert first.exit_code == 0, first.output
     assert "submitted:" in first.output and "SUCCEEDED" in first.output
-    index = (tmp_path / "out/reports/index.jsonl").read_text().splitlines()
-    assert sorted(json.loads(line)["id"] for line in index) == ["s0", "s1", "s2"]
+    from factory.index import read_index
+    from factory.storage import open_storage
+
+    index = read_index(open_storage(str(tmp_path / "out/reports")))
+    assert sorted(entry.id for entry in index) == ["s0", "s1", "s2"]
 
     second = runner.invoke(app, ["submit", str(spec), "--address", ray_head.address])
     assert second.exit_code == 0 and "already submitted" in second.output
