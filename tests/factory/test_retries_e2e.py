@@ -96,3 +96,31 @@ def test_a_lost_commit_answer_is_recognised_as_our_own_win(worker, monkeypatch):
     marker = commit.read_commit(worker.run, "lost-answer")
     assert marker["index"] == outcome["entry"]
     assert all(worker.run.exists(key) for key in marker["files"]), "our files must stay"
+
+
+@pytest.mark.integration
+def test_a_rerun_of_a_committed_job_reaches_no_actor_and_lists_nothing_twice(
+    tmp_path, ray_local, tiny_bundle, monkeypatch
+):
+    import factory.job
+
+    manifest = write_manifest(tmp_path / "done.jsonl", ["x", "y"])
+    options = GenerateOptions(
+        manifest=manifest, output=str(tmp_path / "out"), bundle=str(tiny_bundle), num_steps=2
+    )
+    assert run_generate(options).exit_code == EXIT_OK
+    run = open_storage(str(tmp_path / "out/done"))
+    # A driver killed after the commits, before its index part: the rerun
+    # lists those volumes from their markers, once.
+    for key in run.list("index/"):
+        run.delete_prefix(key)
+
+    def no_actor(*args, **kwargs):
+        raise AssertionError("a committed record reached the workers")
+
+    monkeypatch.setattr(factory.job, "_generate", no_actor)
+    again = run_generate(options)
+    assert again.exit_code == EXIT_OK and again.counts["skipped_already_committed"] == 2
+    third = run_generate(options)
+    assert third.counts["skipped_already_committed"] == 2
+    assert sorted(entry.id for entry in read_index(run)) == ["x", "y"]  # each once
