@@ -2,7 +2,7 @@
 variant scored on the same reports and seeds by the same networks."""
 
 import json
-import math
+import shutil
 
 from typer.testing import CliRunner
 
@@ -21,12 +21,18 @@ def test_ablate_writes_one_row_per_variant(tmp_path, tiny_bundle):
     )
     other = tmp_path / "other"
     build_random_bundle(other, preset_name="tiny", seed=1)
+    # The first bundle again under another path: a variant that differs by
+    # nothing must score exactly the first bundle's s=5 row (same reports,
+    # seeds and networks, as the ablation promises).
+    same = tmp_path / "same"
+    shutil.copytree(tiny_bundle, same)
     out = tmp_path / "ablation"
     result = CliRunner().invoke(
         app,
         [
             "ablate",
             *("--bundle", f"several={tiny_bundle}", "--bundle", f"other={other}"),
+            *("--bundle", f"same={same}"),
             *("--reference", str(reference), "--out", str(out), "--n", "6", "--steps", "2"),
             *("--scale", "3", "--scale", "5", "--epochs", "1"),
             *("--ask-by", "labels", "--ask-by", "text+labels"),
@@ -42,11 +48,13 @@ def test_ablate_writes_one_row_per_variant(tmp_path, tiny_bundle):
         ("several: by labels", 5.0),
         ("several: by text+labels", 5.0),
         ("other", 5.0),
+        ("same", 5.0),
     ]
-    assert [r["ask_by"] for r in rows] == ["text"] * 3 + ["labels", "text+labels", "text"]
-    for row in rows:
-        assert math.isfinite(row["fid_2p5d_mean"]) and row["fid_2p5d_mean"] >= 0
-        assert 0 <= row["clip_text_to_image"] <= 100
+    assert [r["ask_by"] for r in rows] == ["text"] * 3 + ["labels", "text+labels", "text", "text"]
+    metrics = ("fidelity_macro_auroc", "fidelity_ratio", "fid_2p5d_mean", "clip_text_to_image")
+    assert {m: rows[-1][m] for m in metrics} == {m: rows[2][m] for m in metrics}
+    # ...and a different bundle does not.
+    assert rows[-2]["fid_2p5d_mean"] != rows[2]["fid_2p5d_mean"]
     # Guidance changes the volumes, so it changes what the networks see.
     # and so does what the model is asked by.
     assert len({round(r["fid_2p5d_mean"], 9) for r in rows[:5]}) == 5

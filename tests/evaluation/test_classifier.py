@@ -73,3 +73,43 @@ def test_classifier_bundle_round_trip_and_tamper_refusal(tmp_path, classifier, p
     config.write_text(config.read_text().replace('"width": 8', '"width": 16'))
     with pytest.raises(BundleError, match=r"config\.json"):
         LabelClassifier.load(tmp_path / "cls")
+
+
+class _KnownScores:
+    """A stand-in classifier whose scores are given per case id."""
+
+    def __init__(self, scores):
+        self.scores = scores
+
+    def predict(self, cases):
+        return np.stack([self.scores[c.id] for c in cases])
+
+
+def test_label_fidelity_against_known_per_label_values(phantoms_held_out):
+    from report2ct.labels import CTRATE_LABELS
+
+    cases = phantoms_held_out[:4]
+    a, b, c = (CTRATE_LABELS.index(n) for n in ("Cardiomegaly", "Pleural effusion", "Emphysema"))
+    labels = np.zeros((4, len(CTRATE_LABELS)))
+    labels[:, a] = labels[:, b] = labels[:, c] = [0, 0, 1, 1]
+    asked = [dataclasses.replace(x, labels=y) for x, y in zip(cases, labels, strict=True)]
+    real = [dataclasses.replace(x, id=f"real-{x.id}") for x in asked]
+    scores = {}
+    for i, case in enumerate(asked):
+        # generated: every label separated perfectly (AUROC 1 each).
+        scores[case.id] = labels[i] + 0.1 * i
+        # real: a perfect (1.0), a reversed (0.0) and a Mann-Whitney 3/4
+        # (positives 0.35, 0.8 against negatives 0.1, 0.4) label.
+        row = np.full(len(CTRATE_LABELS), 0.5)
+        row[a], row[b], row[c] = labels[i, a], 1 - labels[i, b], (0.1, 0.4, 0.35, 0.8)[i]
+        scores[real[i].id] = row
+    result = label_fidelity(_KnownScores(scores), asked, real)
+    assert result["generated"]["macro"] == pytest.approx(1.0)
+    per_label = result["real"]["per_label"]
+    assert per_label["Cardiomegaly"] == pytest.approx(1.0)
+    assert per_label["Pleural effusion"] == pytest.approx(0.0)
+    assert per_label["Emphysema"] == pytest.approx(0.75)
+    # Labels with one class are left out of the macro, not counted as 0.5.
+    assert sum(v is None for v in per_label.values()) == len(CTRATE_LABELS) - 3
+    assert result["real"]["macro"] == pytest.approx((1.0 + 0.0 + 0.75) / 3)
+    assert result["ratio"] == pytest.approx(1.0 / ((1.0 + 0.0 + 0.75) / 3))
