@@ -195,8 +195,10 @@ def _ensure_ray(options: GenerateOptions):
     if not ray.is_initialized():
         # Inside `ray job submit` or with RAY_ADDRESS set, this joins that
         # cluster; otherwise it starts a local one on this machine.
+        # log_to_driver: an actor's warnings and errors (a refused mask, a
+        # failed write, a traceback) reach the job's own log.
         ray.init(
-            runtime_env={"env_vars": _forwarded_env()}, log_to_driver=False, configure_logging=False
+            runtime_env={"env_vars": _forwarded_env()}, log_to_driver=True, configure_logging=False
         )
     # The job reports its own progress (per volume, not per block).
     context = ray.data.DataContext.get_current()

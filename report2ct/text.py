@@ -75,7 +75,7 @@ class TextConditioner:
         allow_remote_code: bool = False,
         cache_size: int = 4096,
     ) -> None:
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # a per-load bar in every worker's log helps no one
@@ -92,7 +92,7 @@ class TextConditioner:
             kwargs = {"revision": revision, "trust_remote_code": spec.trust_remote_code}
             try:
                 tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-                model = AutoModel.from_pretrained(where, use_safetensors=True, **kwargs)
+                model = _load_encoder(spec, where, kwargs)
             except (OSError, ValueError) as error:
                 raise EncoderLoadError(f"encoder {spec.name} from {where}: {error}") from error
             model.requires_grad_(False).eval().to(self.device)
@@ -179,6 +179,40 @@ class TextConditioner:
         sums.index_add_(0, owner, (hidden * mask).sum(dim=1))  # (B, dim)
         counts.index_add_(0, owner, mask.sum(dim=1))  # (B, 1)
         return sums / counts.clamp(min=1.0)
+
+
+# Weights an encoder may lack: the context is pooled from the last hidden
+# state here, so a checkpoint saved without its pooler head is complete.
+UNUSED_HEADS = ("pooler.",)
+
+
+def _load_encoder(spec: EncoderSpec, where: str, kwargs: dict):
+    """AutoModel from `where`, refusing a checkpoint that lacks weights the
+    context depends on. transformers prints a load report for any missing
+    key (a missing pooler in every worker's log); the check here is stricter
+    and says only what matters, so its report is kept quiet."""
+    import logging
+
+    from transformers import AutoModel
+
+    def not_the_load_report(record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+    report = logging.getLogger("transformers.modeling_utils")
+    report.addFilter(not_the_load_report)
+    try:
+        model, info = AutoModel.from_pretrained(
+            where, use_safetensors=True, output_loading_info=True, **kwargs
+        )
+    finally:
+        report.removeFilter(not_the_load_report)
+    missing = [key for key in info["missing_keys"] if not key.startswith(UNUSED_HEADS)]
+    if missing:
+        raise EncoderLoadError(
+            f"encoder {spec.name} from {where}: the checkpoint lacks {len(missing)} weights "
+            f"the context needs, e.g. {sorted(missing)[:3]}"
+        )
+    return model
 
 
 def _special_frame(tokenizer) -> tuple[list[int], list[int]]:

@@ -64,3 +64,22 @@ def test_remote_code_and_escapes_are_refused(tmp_path):
         TextConditioner([EncoderSpec("x", "some/hub-model", dim=8, trust_remote_code=True)])
     with pytest.raises(EncoderLoadError, match="outside the bundle"):
         TextConditioner([EncoderSpec("x", "bundle:../../etc", dim=8)], bundle_dir=tmp_path)
+
+
+def test_a_checkpoint_without_its_pooler_loads_one_without_encoder_weights_is_refused(tmp_path):
+    """The context pools the last hidden state, so a missing pooler head is
+    fine; a missing encoder layer would be random weights: refused."""
+    from safetensors.torch import load_file, save_file
+
+    for dropped, refused in (("pooler.", False), ("encoder.layer.0.", True)):
+        where = write_random_bert(tmp_path / dropped, hidden_size=32)
+        weights = load_file(where / "model.safetensors")
+        kept = {k: v for k, v in weights.items() if not k.startswith(dropped)}
+        assert len(kept) < len(weights)
+        save_file(kept, where / "model.safetensors", metadata={"format": "pt"})
+        spec = EncoderSpec("bert", str(where), dim=32)
+        if refused:
+            with pytest.raises(EncoderLoadError, match="lacks .* weights the context needs"):
+                TextConditioner([spec])
+        else:
+            assert TextConditioner([spec]).encode_texts(["Effusion."]).shape == (1, 32)
