@@ -3,6 +3,7 @@ phantom world, checked, and put on the record's output grid.
 
     mask = resolve_mask(record, seed, shape, spacing_mm, config.control)
     mask.values     # (X, Y, Z) uint8 in the model's legend, on the output grid
+    mask.index      # the same map as channel indices 0..K (class_occupancy's input)
     mask.labels     # what the mask shows ({CT-RATE name: 0/1}), phantom masks only
     mask.provenance # where it came from (uri + sha256, or phantom + seed)
 
@@ -45,6 +46,8 @@ class ResolvedMask:
     values: np.ndarray  # (X, Y, Z) uint8 label values in the model's legend, output grid
     provenance: dict[str, Any]
     labels: dict[str, int] | None = field(default=None)  # the findings a phantom mask draws
+    # (X, Y, Z) uint8 channel indices 0..K: the class mapping, done once per record
+    index: np.ndarray | None = field(default=None, repr=False)
 
 
 def read_bytes(uri: str) -> bytes:
@@ -168,9 +171,9 @@ def resolve_mask(
         values, findings = make_mask(
             seed, shape=shape, spacing_mm=spacing_mm, prevalence=0.0, requested=record.labels
         )
-        to_class_index(values, control)  # the model's legend must know every class drawn
+        index = to_class_index(values, control)  # the model's legend must know every class drawn
         provenance = {"source": "phantom", "seed": seed, "requested": dict(record.labels)}
-        return ResolvedMask(values.astype(np.uint8), provenance, labels_of(findings))
+        return ResolvedMask(values.astype(np.uint8), provenance, labels_of(findings), index)
     array, source_mm, digest = read_mask(record.mask)
     mapping = _mapping(record.mask_legend) if record.mask_legend else None
     array = on_grid(array, source_mm, shape, spacing_mm)
@@ -183,4 +186,4 @@ def resolve_mask(
         "spacing_mm": list(source_mm),
         "mask_legend": record.mask_legend,
     }
-    return ResolvedMask(legend_values[index], provenance)
+    return ResolvedMask(legend_values[index], provenance, index=index)
