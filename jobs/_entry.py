@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -28,7 +29,14 @@ def read_spec(argv: list[str] | None, kind: str) -> Any:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--spec", help="a YAML or JSON job spec file")
     source.add_argument("--spec-json", help="the job spec as inline JSON")
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="log lines as text, or one JSON object a line (for log collectors)",
+    )
     args = parser.parse_args(argv)
+    _configure_logging(args.log_format)
     if args.spec:
         spec = load_spec(args.spec)
     else:
@@ -42,13 +50,42 @@ def read_spec(argv: list[str] | None, kind: str) -> Any:
     return spec
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log line: time, level, logger, message (and the
+    traceback, when there is one)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            line["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(line)
+
+
+def _configure_logging(log_format: str) -> None:
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+
+
 def main(kind: str, run: Callable[[Any], int], argv: list[str] | None = None) -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    """Exit codes, the same as the CLI's: the run's own (0 done, 3 partial),
+    2 for a spec that cannot run or any failure that stopped the job."""
     try:
         spec = read_spec(argv, kind)
-        return int(run(spec))
     except SpecError as error:
         print(error, file=sys.stderr)
+        return EXIT_FATAL
+    try:
+        return int(run(spec))
+    except Exception:
+        logging.getLogger(f"jobs.{kind}").exception("the %s job stopped", kind)
         return EXIT_FATAL

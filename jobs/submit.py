@@ -8,8 +8,10 @@ and safe, since the factory and the trainer resume where they stopped.
 
 from __future__ import annotations
 
+import json
 import shlex
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,10 +36,18 @@ def submission_id(spec: Spec, *, attempt: int = 0) -> str:
     return base if attempt == 0 else f"{base}-retry{attempt}"
 
 
-def entrypoint(spec: Spec) -> str:
+def entrypoint(spec: Spec, *, log_format: str = "text") -> str:
     """The shell command the job runs on the head node: the job kind's thin
     entry module, with the whole spec inline (no file to ship)."""
-    return f"python -m jobs.{spec.kind} --spec-json {shlex.quote(spec.canonical_json())}"
+    command = f"python -m jobs.{spec.kind} --spec-json {shlex.quote(spec.canonical_json())}"
+    return command if log_format == "text" else f"{command} --log-format {log_format}"
+
+
+def summary_uri(spec: Spec) -> str | None:
+    """Where a job keeps its live summary (generate jobs), for `status`."""
+    if isinstance(spec, GenerateSpec):
+        return f"{spec.output.rstrip('/')}/{spec.run_name()}/summary.json"
+    return None
 
 
 def absolutize(spec: Spec, *, base: Path) -> Spec:
@@ -75,6 +85,7 @@ def submit(
     retry: bool = False,
     runtime_env: dict[str, Any] | None = None,
     agent_wait_s: float = 60.0,
+    log_format: str = "text",
 ) -> Submission:
     """Submit `spec` once. An identical spec already submitted is returned as
     is; with `retry`, a failed or stopped one is submitted again under the
@@ -93,11 +104,14 @@ def submit(
     deadline = time.monotonic() + agent_wait_s
     while True:
         try:
+            metadata = {"ctfactory.kind": spec.kind, "ctfactory.spec_sha256": spec.digest()}
+            if summary_uri(spec):
+                metadata["ctfactory.summary"] = summary_uri(spec)
             client.submit_job(
-                entrypoint=entrypoint(spec),
+                entrypoint=entrypoint(spec, log_format=log_format),
                 submission_id=job_id,
                 runtime_env=runtime_env,
-                metadata={"ctfactory.kind": spec.kind, "ctfactory.spec_sha256": spec.digest()},
+                metadata=metadata,
             )
             break
         except RuntimeError as error:
@@ -113,31 +127,83 @@ def submit(
 
 
 def status(job_id: str, *, address: str = DEFAULT_ADDRESS) -> dict[str, Any]:
+    """The job's status, its exit code once it ended, and for a generate job
+    its live summary (counts, rate, ETA) as the job last wrote it."""
     info = _client(address).get_job_info(job_id)
-    return {
+    out = {
         "submission_id": job_id,
         "status": str(info.status),
+        "exit_code": exit_code(info),
         "message": info.message,
         "entrypoint": info.entrypoint,
         "start_time": info.start_time,
         "end_time": info.end_time,
         "metadata": info.metadata,
     }
+    uri = (info.metadata or {}).get("ctfactory.summary")
+    if uri:
+        out["summary"] = _read_summary(uri)
+    return out
+
+
+def _read_summary(uri: str) -> dict[str, Any] | None:
+    from factory.storage import storage_for
+
+    store, key = storage_for(uri)
+    if not store.exists(key):
+        return None  # not written yet: the job is still validating
+    summary = json.loads(store.read_bytes(key))
+    keep = ("state", "counts", "volumes_per_hour", "eta_s", "exit_code", "index", "errors")
+    return {name: summary[name] for name in keep if name in summary}
+
+
+def exit_code(info) -> int | None:
+    """The job's exit code, the same as the CLI's and the entry module's (0
+    all done, 3 partial, 2 could not run); None while it runs."""
+    state = str(info.status)
+    if state not in TERMINAL:
+        return None
+    if state == "SUCCEEDED":
+        return 0
+    code = getattr(info, "driver_exit_code", None)
+    return code if code in (2, 3) else 2  # stopped, or died some other way: it did not run
 
 
 def logs(job_id: str, *, address: str = DEFAULT_ADDRESS) -> str:
     return _client(address).get_job_logs(job_id)
 
 
+def follow_logs(job_id: str, *, address: str = DEFAULT_ADDRESS) -> Iterator[str]:
+    """The job's log as it is written, until the job ends (the SDK's tail is
+    async; it is stepped here on a loop of its own)."""
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    chunks = _client(address).tail_job_logs(job_id).__aiter__()
+    try:
+        while True:
+            try:
+                yield loop.run_until_complete(chunks.__anext__())
+            except StopAsyncIteration:
+                return
+    finally:
+        loop.close()
+
+
 def wait(
-    job_id: str, *, address: str = DEFAULT_ADDRESS, timeout_s: float = 3600, poll_s: float = 1.0
-) -> str:
-    """Block until the job reaches a terminal status; returns it."""
+    job_id: str,
+    *,
+    address: str = DEFAULT_ADDRESS,
+    timeout_s: float | None = None,
+    poll_s: float = 2.0,
+) -> Any:
+    """Block until the job reaches a terminal status (no limit unless
+    `timeout_s`); returns its JobInfo."""
     client = _client(address)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        current = str(client.get_job_info(job_id).status)
-        if current in TERMINAL:
-            return current
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while deadline is None or time.monotonic() < deadline:
+        info = client.get_job_info(job_id)
+        if str(info.status) in TERMINAL:
+            return info
         time.sleep(poll_s)
     raise TimeoutError(f"job {job_id} not finished after {timeout_s:.0f} s")

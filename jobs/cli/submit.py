@@ -31,12 +31,19 @@ def submit(
     retry: bool = typer.Option(
         False, "--retry", help="resubmit if the identical job failed or was stopped"
     ),
+    timeout: float | None = typer.Option(
+        None, "--timeout", min=1, help="with --wait: give up after this many seconds (exit 2)"
+    ),
+    log_format: str = typer.Option(
+        "text", "--log-format", help="the job's own log lines: text, or json (one object a line)"
+    ),
 ) -> None:
     """Submit a job spec (generate, train, evaluate, shard) to a Ray cluster.
 
     The submission id is derived from the spec, so the same spec submitted
     twice is one job: the second call reports the first. Relative local paths
-    in the spec are made absolute first.
+    in the spec are made absolute first. With --wait the exit code is the
+    job's own: 0 all done, 3 partial (see its errors), 2 it could not run.
     """
     from rich.console import Console
 
@@ -44,26 +51,34 @@ def submit(
     from jobs.specs import SpecError, load_spec
 
     console = Console()
+    if log_format not in ("text", "json"):
+        raise typer.BadParameter("must be text or json", param_hint="--log-format")
     try:
         job_spec = jobs_submit.absolutize(load_spec(spec), base=Path.cwd())
     except SpecError as error:
         console.print(f"[red]{error}[/red]")
         raise typer.Exit(2) from None
     url = _address(address)
-    result = jobs_submit.submit(job_spec, address=url, retry=retry)
+    result = jobs_submit.submit(job_spec, address=url, retry=retry, log_format=log_format)
     verb = "submitted" if result.created else "already submitted"
     console.print(f"{verb}: [bold]{result.submission_id}[/bold] ({result.status})")
     if wait:
-        final = jobs_submit.wait(result.submission_id, address=url)
-        console.print(f"{result.submission_id}: {final}")
-        raise typer.Exit(0 if final == "SUCCEEDED" else 1)
+        try:
+            info = jobs_submit.wait(result.submission_id, address=url, timeout_s=timeout)
+        except TimeoutError as error:
+            console.print(f"[yellow]{error}[/yellow]; it goes on: `ctfactory status` follows it")
+            raise typer.Exit(2) from None
+        code = jobs_submit.exit_code(info)
+        console.print(f"{result.submission_id}: {info.status} (exit code {code})")
+        raise typer.Exit(code)
 
 
 @app.command()
 def status(
     job_id: str = typer.Argument(..., help="submission id"), address: str | None = ADDRESS
 ) -> None:
-    """Show a submitted job's status."""
+    """Show a submitted job's status, its exit code once it ended, and for a
+    generate job its live summary (counts, volumes per hour, ETA)."""
     import json
 
     from jobs import submit as jobs_submit
@@ -73,9 +88,18 @@ def status(
 
 @app.command()
 def logs(
-    job_id: str = typer.Argument(..., help="submission id"), address: str | None = ADDRESS
+    job_id: str = typer.Argument(..., help="submission id"),
+    address: str | None = ADDRESS,
+    follow: bool = typer.Option(
+        False, "--follow", "-f", help="keep printing as the job writes, until it ends"
+    ),
 ) -> None:
-    """Print a submitted job's logs (the driver's output)."""
+    """Print a submitted job's logs (the driver's output, actors' warnings
+    and errors included)."""
     from jobs import submit as jobs_submit
 
-    typer.echo(jobs_submit.logs(job_id, address=_address(address)), nl=False)
+    if not follow:
+        typer.echo(jobs_submit.logs(job_id, address=_address(address)), nl=False)
+        return
+    for chunk in jobs_submit.follow_logs(job_id, address=_address(address)):
+        typer.echo(chunk, nl=False)
