@@ -88,20 +88,48 @@ class GeneratedVolumes(Dataset):
         return len(self.entries)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        entry = self.entries[index]
-        volume, spacing, _attrs, mask, classes = open_volume_and_mask(entry.uri)
+        plain = volume_item(self.entries[index])
         item = {
-            "id": entry.id,
-            "volume": torch.from_numpy(volume.astype(np.float32))[None],  # (1, X, Y, Z) HU
-            "labels": torch.tensor(
-                [entry.labels[name] for name in CTRATE_LABELS], dtype=torch.float32
-            ),
-            "findings": entry.findings,
-            "impression": entry.impression,
-            "spacing_mm": torch.tensor(spacing, dtype=torch.float32),
-            "seed": entry.seed,
+            "id": plain["id"],
+            "volume": torch.from_numpy(plain["volume"])[None],  # (1, X, Y, Z) HU
+            "labels": torch.from_numpy(plain["labels"]),
+            "findings": plain["findings"],
+            "impression": plain["impression"],
+            "spacing_mm": torch.from_numpy(plain["spacing_mm"]),
+            "seed": plain["seed"],
         }
-        if mask is not None:
-            item["mask"] = torch.from_numpy(mask.astype(np.int64))[None]  # (1, X, Y, Z)
-            item["mask_classes"] = classes
+        if plain["mask"] is not None:
+            item["mask"] = torch.from_numpy(plain["mask"])[None]  # (1, X, Y, Z)
+            item["mask_classes"] = {int(k): v for k, v in plain["mask_classes"].items()}
         return item
+
+
+def volume_item(entry: IndexEntry) -> dict[str, Any]:
+    """One committed volume as plain arrays: image (X, Y, Z) float32 HU,
+    labels (18,), spacing, report, id, seed; mask (X, Y, Z) int64 or None."""
+    volume, spacing, _attrs, mask, classes = open_volume_and_mask(entry.uri)
+    return {
+        "id": entry.id,
+        "volume": volume.astype(np.float32),
+        "labels": np.array([entry.labels[n] for n in CTRATE_LABELS], dtype=np.float32),
+        "spacing_mm": np.array(spacing, dtype=np.float32),
+        "findings": entry.findings,
+        "impression": entry.impression,
+        "seed": entry.seed,
+        "mask": None if mask is None else mask.astype(np.int64),
+        "mask_classes": {str(k): v for k, v in classes.items()},
+    }
+
+
+def ray_dataset(run_uri: str, **read_args: Any):
+    """A Ray Data dataset of a run's committed volumes, for training
+    consumers on a cluster: the index is read on the driver (parts, not one
+    request per volume), each volume is read by the task that needs it.
+    `read_args` go to `map` (e.g. num_cpus, concurrency)."""
+    import ray
+
+    run = open_storage(run_of(run_uri))
+    rows = [{"entry": entry.to_json()} for entry in read_index(run)]
+    return ray.data.from_items(rows).map(
+        lambda row: volume_item(IndexEntry.from_json(row["entry"])), **read_args
+    )

@@ -124,3 +124,11 @@ def test_a_rerun_of_a_committed_job_reaches_no_actor_and_lists_nothing_twice(
     third = run_generate(options)
     assert third.counts["skipped_already_committed"] == 2
     assert sorted(entry.id for entry in read_index(run)) == ["x", "y"]  # each once
+
+    # The same volumes as a Ray Data dataset, for training consumers on a cluster.
+    from factory.reader import GeneratedVolumes, ray_dataset
+
+    rows = {row["id"]: row for row in ray_dataset(str(tmp_path / "out/done")).take_all()}
+    for item in GeneratedVolumes(str(tmp_path / "out/done")):
+        np.testing.assert_array_equal(rows[item["id"]]["volume"], item["volume"][0].numpy())
+        np.testing.assert_array_equal(rows[item["id"]]["labels"], item["labels"].numpy())
