@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from factory.storage import open_storage
 from jobs.specs import EvaluateSpec, GenerateSpec, ShardSpec, TrainSpec
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -56,7 +57,8 @@ def absolutize(spec: Spec, *, base: Path) -> Spec:
     updates: dict[str, Any] = {}
     for name in URI_FIELDS:
         value = getattr(spec, name, None)
-        if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():
+        local = isinstance(value, str) and open_storage(value).local_path() is not None
+        if local and not Path(value).is_absolute():
             updates[name] = str((base / value).resolve())
     return spec.model_copy(update=updates) if updates else spec
 

@@ -12,6 +12,7 @@ both and neither. A mask (ControlNet input) is never dropped.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -41,20 +42,30 @@ class RectifiedFlowLoss:
         *,
         labels: torch.Tensor | None = None,  # (B, 18) +1 / -1 / 0
         control: torch.Tensor | None = None,  # (B, K, x, y, z)
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
     ) -> torch.Tensor:
-        batch, device = x0.shape[0], x0.device
-        t = self.sample_times(batch, device=device, generator=generator)  # (B,)
-        noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+        t, noise, u_text, u_labels = self.draws(x0, generator)
         t_b = t.view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
         x_t = (1 - t_b) * x0 + t_b * noise
-        keep = torch.rand(batch, generator=generator, device=device) >= self.cond_dropout
-        context = drop(context, keep)
+        context = drop(context, u_text >= self.cond_dropout)
         optional = {} if control is None else {"control": control}
         if labels is not None:
-            keep_labels = (
-                torch.rand(batch, generator=generator, device=device) >= self.label_dropout
-            )
-            optional["labels"] = drop(labels, keep_labels)
+            optional["labels"] = drop(labels, u_labels >= self.label_dropout)
         v = denoiser(x_t, t.to(x0.dtype), context, spacing_mm, **optional)
         return torch.mean((v.float() - (x0 - noise).float()) ** 2)
+
+    def draws(self, x0: torch.Tensor, generator) -> tuple[torch.Tensor, ...]:
+        """(B,) flow times, noise like x0, and (B,) uniforms for the text and
+        the label dropout: from one generator for the whole batch, or from
+        each sample's own (a sequence, one per sample), so that a sample's
+        draws do not depend on how a global batch is split over ranks."""
+        if generator is None or isinstance(generator, torch.Generator):
+            batch, device = x0.shape[0], x0.device
+            t = self.sample_times(batch, device=device, generator=generator)
+            noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+            uniforms = torch.rand(2, batch, generator=generator, device=device)
+            return t, noise, uniforms[0], uniforms[1]
+        if len(generator) != x0.shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {x0.shape[0]}")
+        per_sample = [self.draws(x0[i : i + 1], g) for i, g in enumerate(generator)]
+        return tuple(torch.cat(parts) for parts in zip(*per_sample, strict=True))

@@ -171,27 +171,18 @@ class LDMLoss:
         return cls(config.cond_dropout, config.label_dropout)
 
     def __call__(self, engine, batch, generators) -> torch.Tensor:
-        # One forward per sample: `RectifiedFlowLoss` draws a whole batch's
-        # noise from one generator, and each sample must draw from its own
-        # for its noise not to depend on how the global batch is split over
-        # ranks. The mean of the per-sample means is the batch mean (equal sizes).
-        losses = [
-            self.loss(
-                engine,
-                batch["latent"][i : i + 1],
-                batch["context"][i : i + 1],
-                batch["spacing_mm"][i : i + 1],
-                labels=_row(batch.get("labels"), i),
-                control=_row(batch.get("control"), i),
-                generator=generator,
-            )
-            for i, generator in enumerate(generators)
-        ]
-        return torch.stack(losses).mean()
-
-
-def _row(column: torch.Tensor | None, i: int) -> torch.Tensor | None:
-    return None if column is None else column[i : i + 1]
+        # Each sample draws its noise from its own generator (one batched
+        # forward still), so its noise does not depend on how the global
+        # batch is split over ranks.
+        return self.loss(
+            engine,
+            batch["latent"],
+            batch["context"],
+            batch["spacing_mm"],
+            labels=batch.get("labels"),
+            control=batch.get("control"),
+            generator=generators,
+        )
 
 
 def train_ldm(
