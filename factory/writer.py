@@ -1,92 +1,293 @@
 """OME-Zarr 0.5 output: one image group per volume, int16 HU, axes z, y, x
-in millimetre with `scale` = the voxel spacing, 64^3 chunks in shards, zstd,
-written with the maintained `ome-zarr` library and validated with
+in millimetre with `scale` = the voxel spacing, validated with
 `ome-zarr-models`. Provenance and labels go into the group attributes; the
 label map a volume was generated from goes into the image group as an
 OME-Zarr label image, `labels/mask`, on the same grid, with `image-label`
 metadata naming and colouring every value.
 
+Each array is one shard (Zarr v3 `sharding_indexed`) of 64^3 inner chunks, so
+a viewer reads a chunk with one ranged request while object storage holds
+few objects: a volume is 3 (group and array metadata, the shard), its label
+map 4 more (the labels group, the label image group, its array metadata and
+shard), an optional 2x downsampled level 2 more. The group is encoded in
+memory (`encode_ome_zarr`) and written object by object, to a directory
+(`write_ome_zarr`) or straight to a `Storage` (`put_ome_zarr`): no local
+temporary copy on the way to object storage.
+
 Volumes arrive as `[x, y, z]` arrays (docs/conventions.md); the transpose to
-OME's `z, y, x` happens here and nowhere else.
+OME's `z, y, x` happens here and nowhere else, one chunk at a time (a whole-
+volume transpose of 480x480x256 int16 walks memory with a stride and costs
+more than the compression).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
-from ome_zarr.format import FormatV05
-from ome_zarr.writer import write_image, write_labels
+from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
+from zarr.storage import MemoryStore
 
-CHUNK = 64
+if TYPE_CHECKING:
+    from factory.storage import Storage
+
+CHUNK = 64  # inner chunk edge: a viewer's unit of reading
 MASK_LABEL = "mask"  # the label image: <image>.ome.zarr/labels/mask
-SHARD = 128  # one shard file holds up to 8 chunks: few objects per volume on S3
+OME_VERSION = "0.5"
+AXES = ("z", "y", "x")
+# Objects of one volume go to object storage concurrently (each is one PUT).
+PUT_THREADS = 8
 
 
-def write_ome_zarr(
-    path: Path,
+@dataclass(frozen=True)
+class Compression:
+    """The shard's inner-chunk compressor. `codec`: "zstd" (Zarr v3's own
+    codec) or "blosc-zstd" (blosc around zstd, with `shuffle` of the int16
+    bytes or bits); both read by every Zarr v3 implementation."""
+
+    codec: str = "zstd"
+    level: int = 3
+    shuffle: str = "noshuffle"  # blosc only: noshuffle, shuffle, bitshuffle
+
+    def codecs(self, itemsize: int) -> list:
+        if self.codec == "zstd":
+            if self.shuffle != "noshuffle":
+                raise ValueError("zstd has no shuffle: use blosc-zstd for a shuffled stream")
+            return [ZstdCodec(level=self.level, checksum=False)]
+        if self.codec == "blosc-zstd":
+            return [
+                BloscCodec(
+                    cname="zstd",
+                    clevel=self.level,
+                    shuffle=BloscShuffle[self.shuffle],
+                    typesize=itemsize,
+                )
+            ]
+        raise ValueError(f"unknown codec {self.codec!r}: zstd or blosc-zstd")
+
+
+# Chosen by bench/bench_write.py (docs/factory.md, Output): see there.
+DEFAULT_COMPRESSION = Compression("blosc-zstd", 1, "shuffle")
+
+
+def encode_ome_zarr(
     volume_xyz: np.ndarray,  # (X, Y, Z) int16 HU
     spacing_mm: tuple[float, float, float],  # (x, y, z)
     *,
     attributes: Mapping[str, Any],
     mask_xyz: np.ndarray | None = None,  # (X, Y, Z) label values
     mask_classes: Mapping[int, tuple[str, tuple[int, int, int, int]]] | None = None,
+    compression: Compression = DEFAULT_COMPRESSION,
+    downsampled: bool = False,
+) -> dict[str, bytes]:
+    """The objects of one OME-Zarr image group, {key relative to the group:
+    bytes}, encoded in memory. `downsampled` adds `s1`, the image at half
+    the resolution per axis (2x2x2 means), for viewers."""
+    volume_xyz = np.asarray(volume_xyz, dtype=np.int16)
+    if volume_xyz.ndim != 3:
+        raise ValueError(f"volume of shape {volume_xyz.shape}: expected (X, Y, Z)")
+    if mask_xyz is not None and np.shape(mask_xyz) != volume_xyz.shape:
+        raise ValueError(f"mask {np.shape(mask_xyz)} is not on the image grid")
+    objects: dict = {}
+    group = zarr.open_group(store=MemoryStore(objects), mode="w", zarr_format=3)
+    spacing_zyx = [float(v) for v in reversed(tuple(spacing_mm))]
+    levels = [("s0", volume_xyz, 1)]
+    if downsampled and min(volume_xyz.shape) >= 2:
+        levels.append(("s1", _half(volume_xyz), 2))
+    datasets = [
+        _array(group, path, data, compression, spacing_zyx, factor) for path, data, factor in levels
+    ]
+    group.attrs.update(
+        {"ome": {"version": OME_VERSION, "multiscales": [_multiscale("image", datasets)]}}
+    )
+    group.attrs.update(dict(attributes))
+    if mask_xyz is not None:
+        _write_mask(
+            group, np.asarray(mask_xyz), mask_classes or {}, compression, spacing_zyx, len(levels)
+        )
+    return {key: buffer.to_bytes() for key, buffer in objects.items()}
+
+
+def write_ome_zarr(
+    path: Path,
+    volume_xyz: np.ndarray,
+    spacing_mm: tuple[float, float, float],
+    *,
+    attributes: Mapping[str, Any],
+    mask_xyz: np.ndarray | None = None,
+    mask_classes: Mapping[int, tuple[str, tuple[int, int, int, int]]] | None = None,
+    compression: Compression = DEFAULT_COMPRESSION,
+    downsampled: bool = False,
 ) -> Path:
     """Write a local OME-Zarr image group at `path` (a directory), with the
     mask as `labels/mask` when given (`mask_classes`: value -> (name, rgba))."""
-    volume_zyx = np.ascontiguousarray(np.asarray(volume_xyz, dtype=np.int16).transpose(2, 1, 0))
-    sx, sy, sz = (float(v) for v in spacing_mm)
-    chunks = tuple(min(CHUNK, n) for n in volume_zyx.shape)
-    shards = tuple(
-        min(SHARD, -(-n // c) * c) for n, c in zip(volume_zyx.shape, chunks, strict=True)
+    objects = encode_ome_zarr(
+        volume_xyz,
+        spacing_mm,
+        attributes=attributes,
+        mask_xyz=mask_xyz,
+        mask_classes=mask_classes,
+        compression=compression,
+        downsampled=downsampled,
     )
-    group = zarr.open_group(str(path), mode="w", zarr_format=3)
-    # The dict forms of scale / axes_units: the older list form silently
-    # writes scale 1 and no units with ome-zarr 0.18 (PLATFORM-NOTES).
-    grid = {
-        "scale_factors": [],
-        "axes": "zyx",
-        "scale": {"z": sz, "y": sy, "x": sx},
-        "axes_units": {"z": "millimeter", "y": "millimeter", "x": "millimeter"},
-        "storage_options": {"chunks": chunks, "shards": shards},
-        "fmt": FormatV05(),
+    root = Path(path)
+    for key, data in objects.items():
+        (root / key).parent.mkdir(parents=True, exist_ok=True)
+        (root / key).write_bytes(data)
+    return root
+
+
+def put_ome_zarr(
+    storage: Storage,
+    key: str,
+    volume_xyz: np.ndarray,
+    spacing_mm: tuple[float, float, float],
+    *,
+    attributes: Mapping[str, Any],
+    mask_xyz: np.ndarray | None = None,
+    mask_classes: Mapping[int, tuple[str, tuple[int, int, int, int]]] | None = None,
+    compression: Compression = DEFAULT_COMPRESSION,
+    downsampled: bool = False,
+) -> dict[str, str]:
+    """Encode the image group in memory and write its objects under `key`
+    of `storage` (one `write_bytes` each, concurrently); returns {key of
+    each object under `storage`: sha256}, what a commit marker records."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from factory.storage import join
+
+    objects = encode_ome_zarr(
+        volume_xyz,
+        spacing_mm,
+        attributes=attributes,
+        mask_xyz=mask_xyz,
+        mask_classes=mask_classes,
+        compression=compression,
+        downsampled=downsampled,
+    )
+
+    def put(item: tuple[str, bytes]) -> tuple[str, str]:
+        name, data = item
+        storage.write_bytes(join(key, name), data)
+        return join(key, name), hashlib.sha256(data).hexdigest()
+
+    with ThreadPoolExecutor(min(PUT_THREADS, len(objects))) as pool:
+        return dict(pool.map(put, sorted(objects.items())))
+
+
+def _half(volume_xyz: np.ndarray) -> np.ndarray:
+    """2x2x2 means (rounded), the odd last plane of an axis dropped."""
+    X, Y, Z = (n - n % 2 for n in volume_xyz.shape)
+    blocks = volume_xyz[:X, :Y, :Z].reshape(X // 2, 2, Y // 2, 2, Z // 2, 2)
+    return np.round(blocks.mean(axis=(1, 3, 5), dtype=np.float32)).astype(np.int16)
+
+
+def _array(
+    group: zarr.Group,
+    path: str,
+    data_xyz: np.ndarray,
+    compression: Compression,
+    spacing_zyx: list[float],
+    factor: int,
+    *,
+    centred: bool = True,
+) -> dict:
+    """One single-shard array at `path`, written chunk by chunk from the
+    x, y, z array; returns its OME dataset entry."""
+    shape = tuple(reversed(data_xyz.shape))
+    chunks = tuple(min(CHUNK, n) for n in shape)
+    array = group.create_array(
+        path,
+        shape=shape,
+        dtype=data_xyz.dtype,
+        chunks=chunks,
+        shards=tuple(-(-n // c) * c for n, c in zip(shape, chunks, strict=True)),
+        compressors=compression.codecs(data_xyz.dtype.itemsize),
+        fill_value=0,
+        dimension_names=AXES,
+    )
+    # The zyx array in memory, one chunk-sized block transposed at a time,
+    # then one write: the shard is encoded once.
+    zyx = np.empty(shape, dtype=data_xyz.dtype)
+    for z0 in range(0, shape[0], CHUNK):
+        for y0 in range(0, shape[1], CHUNK):
+            for x0 in range(0, shape[2], CHUNK):
+                block = data_xyz[x0 : x0 + CHUNK, y0 : y0 + CHUNK, z0 : z0 + CHUNK]
+                zyx[z0 : z0 + CHUNK, y0 : y0 + CHUNK, x0 : x0 + CHUNK] = block.T
+    array[...] = zyx
+    scale = [s * factor for s in spacing_zyx]
+    # A voxel of a 2x level is centred between the two it averages (a
+    # label level picks every other voxel instead: no shift).
+    translation = [0.5 * (factor - 1) * s if centred else 0.0 for s in spacing_zyx]
+    return {
+        "path": path,
+        "coordinateTransformations": [
+            {"type": "scale", "scale": scale},
+            {"type": "translation", "translation": translation},
+        ],
     }
-    write_image(volume_zyx, group, **grid)
-    group.attrs.update(dict(attributes))
-    if mask_xyz is not None:
-        _write_mask(group, np.asarray(mask_xyz), mask_classes or {}, grid)
-    return path
 
 
-def _write_mask(group: zarr.Group, mask_xyz: np.ndarray, classes, grid: dict) -> None:
-    if mask_xyz.shape != tuple(reversed(group["s0"].shape)):
-        raise ValueError(f"mask {mask_xyz.shape} is not on the image grid")
-    present = sorted(int(v) for v in np.unique(mask_xyz) if v)
-    write_labels(
-        np.ascontiguousarray(mask_xyz.astype(np.uint8).transpose(2, 1, 0)),
-        group,
-        name=MASK_LABEL,
-        scaler=None,  # no pyramid (scale_factors alone still builds one with 0.18)
-        label_metadata={
+def _multiscale(name: str, datasets: list[dict]) -> dict:
+    return {
+        "axes": [{"name": axis, "type": "space", "unit": "millimeter"} for axis in AXES],
+        "datasets": datasets,
+        "name": name,
+    }
+
+
+def _write_mask(
+    group: zarr.Group,
+    mask_xyz: np.ndarray,
+    classes: Mapping[int, tuple[str, tuple[int, int, int, int]]],
+    compression: Compression,
+    spacing_zyx: list[float],
+    num_levels: int,
+) -> None:
+    """The label image, with as many levels as the image (OME-Zarr asks
+    it): a 2x level of labels takes every other voxel, never a mean."""
+    if mask_xyz.size and (mask_xyz.min() < 0 or mask_xyz.max() > 255):
+        raise ValueError("label values must fit uint8")
+    counts = np.bincount(mask_xyz.astype(np.uint8, copy=False).reshape(-1), minlength=256)
+    present = [int(v) for v in np.flatnonzero(counts) if v]
+    labels = group.create_group("labels")
+    labels.attrs["ome"] = {"version": OME_VERSION, "labels": [MASK_LABEL]}
+    label = labels.create_group(MASK_LABEL)
+    mask_xyz = mask_xyz.astype(np.uint8)
+    datasets = [
+        _array(
+            label,
+            f"s{level}",
+            mask_xyz[:: 2**level, :: 2**level, :: 2**level],
+            compression,
+            spacing_zyx,
+            2**level,
+            centred=False,
+        )
+        for level in range(num_levels)
+    ]
+    label.attrs["ome"] = {
+        "version": OME_VERSION,
+        "multiscales": [_multiscale(MASK_LABEL, datasets)],
+        "image-label": {
+            "version": OME_VERSION,
             "colors": [{"label-value": v, "rgba": list(classes[v][1])} for v in present],
             "properties": [{"label-value": v, "name": classes[v][0]} for v in present],
         },
-        **grid,
-    )
-    # ome-zarr 0.18 leaves "version" out of the labels group; OME-Zarr 0.5
-    # (and ome-zarr-models) require it.
-    labels = zarr.open_group(store=group.store, path=f"{group.path}/labels".lstrip("/"), mode="a")
-    labels.attrs["ome"] = {**labels.attrs["ome"], "version": "0.5"}
+    }
 
 
-def validate_ome_zarr(path: str | Path) -> None:
+def validate_ome_zarr(path: str | Path | zarr.Group) -> None:
     """Check the image group against the OME-Zarr 0.5 spec (pydantic models)."""
     from ome_zarr_models.v05.image import Image
 
-    Image.from_zarr(zarr.open_group(str(path), mode="r"))  # with its labels/, when present
+    group = path if isinstance(path, zarr.Group) else zarr.open_group(str(path), mode="r")
+    Image.from_zarr(group)  # with its labels/, when present
 
 
 def write_nifti(path: Path, volume_xyz: np.ndarray, spacing_mm: tuple[float, float, float]) -> Path:
