@@ -96,20 +96,24 @@ def test_masks_from_uris_and_the_phantom_world_end_in_labels(
     assert sorted(c.id for c in masked) == ["drawn", "uri"]
     adherence = mask_adherence((c.volume_hu, c.mask, c.mask_classes) for c in masked)
     assert adherence["volumes"] == 2
-    # Known answers on the masks as read back: a volume painted from its map
-    # (each class at the middle of its tissue's HU range) adheres everywhere,
-    # one painted at -275 HU (inside no tissue's range) nowhere. A mask read
-    # back shifted, transposed or with the wrong class names fails the first.
+    # Known answers on the masks as evaluation reads them back: a volume
+    # painted from the map the record asked for (each class at the middle of
+    # its tissue's HU range) adheres everywhere, so a mask read back shifted
+    # or transposed scores below 1; one painted at -275 HU (inside no
+    # tissue's range) adheres nowhere.
     from evaluation.adherence import TISSUE_HU, tissue_of
 
-    def painted(case):
-        volume = np.full(case.mask.shape, -275.0)
-        for value, tissue in tissue_of(case.mask_classes).items():
+    def painted(mask, classes):
+        volume = np.full(mask.shape, -275.0)
+        for value, tissue in tissue_of(classes).items():
             low, high = TISSUE_HU["air" if value == 0 else tissue]
-            volume[case.mask == value] = (low + high) / 2
+            volume[mask == value] = (low + high) / 2
         return volume
 
-    matching = mask_adherence((painted(c), c.mask, c.mask_classes) for c in masked)
+    asked = {"uri": truth, "drawn": expected}
+    matching = mask_adherence(
+        (painted(asked[c.id], c.mask_classes), c.mask, c.mask_classes) for c in masked
+    )
     assert matching["overall"] == matching["in_body"] == 1.0, matching
     assert {"lung", "soft_tissue", "bone"} <= set(matching["per_tissue"])
     against = mask_adherence(
