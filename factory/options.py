@@ -59,6 +59,11 @@ class GenerateOptions(BaseModel):
     batch_size: int = Field(1, ge=1, le=64, description="volumes sampled together per actor call")
     nifti: bool = Field(False, description="also write NIfTI (.nii.gz) with the true affine")
     preview: bool = Field(False, description="also write a PNG preview per volume")
+    allow_remote_code: bool = Field(
+        False,
+        description="let the bundle's text encoders run the code they ship (CXR-BERT does); "
+        "the code is inside the bundle, checked by its SHA256SUMS",
+    )
     max_task_retries: int = Field(
         3, ge=0, le=100, description="retries of a batch whose actor died before it finished"
     )

@@ -53,6 +53,7 @@ class WorkerOptions:
     # instead of being retried forever; a rerun (a new job_id) tries again.
     max_tries: int = 4
     job_id: str = "local"
+    allow_remote_code: bool = False  # the bundle's encoders may run the code they ship
     extra_provenance: dict[str, Any] = field(default_factory=dict)
 
 
@@ -96,7 +97,9 @@ class GenerateWorker:
         self.options = options
         device = "cuda" if torch.cuda.is_available() else "cpu"
         start = time.perf_counter()
-        self.model = load_bundle(local_copy(options.bundle), device=device)
+        self.model = load_bundle(
+            local_copy(options.bundle), device=device, allow_remote_code=options.allow_remote_code
+        )
         self.load_s = time.perf_counter() - start
         self.run = open_storage(options.run_root)
         self.outputs = outputs_for(nifti=options.nifti, preview=options.preview)

@@ -48,6 +48,11 @@ def generate(
     ),
     max_task_retries: int | None = _flag("max_task_retries"),
     labels: str | None = _flag("labels"),
+    allow_remote_code: bool = typer.Option(
+        False,
+        "--allow-remote-code",
+        help=GenerateOptions.model_fields["allow_remote_code"].description,
+    ),
     dry_run: bool = typer.Option(
         False,
         "--dry-run",
