@@ -148,9 +148,16 @@ def load_weights(path: str | Path, name: str) -> dict[str, torch.Tensor]:
 
 
 def load_bundle(
-    path: str | Path, *, device: torch.device | str = "cpu", allow_remote_code: bool = False
+    path: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    allow_remote_code: bool = False,
+    torch_compile: bool = False,
+    channels_last: bool = False,
+    cudnn_benchmark: bool = False,
 ):
-    """Verify, then build a ready `Report2CT` from a bundle directory."""
+    """Verify, then build a ready `Report2CT` from a bundle directory, with
+    the speed options of `apply_speed_options` (all off by default)."""
     from report2ct.pipeline import Report2CT
 
     root = Path(path)
@@ -170,7 +177,53 @@ def load_bundle(
             raise BundleError(
                 f"{root / name}.safetensors: weights do not fit the config: {error}"
             ) from None
-    return model.eval()
+    return apply_speed_options(
+        model.eval(),
+        torch_compile=torch_compile,
+        channels_last=channels_last,
+        cudnn_benchmark=cudnn_benchmark,
+    )
+
+
+def apply_speed_options(
+    model,
+    *,
+    torch_compile: bool = False,
+    channels_last: bool = False,
+    cudnn_benchmark: bool = False,
+):
+    """Speed options for a loaded `Report2CT` (returned, changed in place);
+    none changes a weight or a state dict key.
+
+    - `torch_compile`: `nn.Module.compile()` on the UNet, the ControlNet and
+      the VAE decoder (in place, so state dict keys keep no `_orig_mod.`).
+      The first call at each new shape compiles (tens of seconds); later
+      ones run the fused kernels. Decode tiles all share one shape.
+    - `channels_last`: the convolution weights in `channels_last_3d`, which
+      cuDNN's fastest 3-D kernels read without a transpose.
+    - `cudnn_benchmark`: `torch.backends.cudnn.benchmark`, process-wide:
+      cuDNN times its algorithms at each new input shape and keeps the
+      fastest (the sampler's shapes never change within a job). CUDA only.
+    """
+    modules = [model.denoiser.unet, model.codec.vae]
+    if model.denoiser.controlnet is not None:
+        modules.append(model.denoiser.controlnet)
+    if cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
+    if channels_last:
+        for module in modules:
+            module.to(memory_format=torch.channels_last_3d)
+    if torch_compile:
+        model.denoiser.unet.compile()
+        if model.denoiser.controlnet is not None:
+            model.denoiser.controlnet.compile()
+        model.codec.vae.decoder.compile()
+    model.speed_options = {
+        "torch_compile": torch_compile,
+        "channels_last": channels_last,
+        "cudnn_benchmark": cudnn_benchmark,
+    }
+    return model
 
 
 # --- Random bundles (tests, benchmarks, development) -----------------------
