@@ -20,9 +20,10 @@ import torch
 from monai.networks.schedulers import RFlowScheduler
 
 from report2ct.codec import LatentCodec
+from report2ct.condition import Condition, empty_like
 from report2ct.config import preset
 from report2ct.denoiser import Denoiser, perturb_zero_init
-from report2ct.flow import Condition, euler_sample, linear_times
+from report2ct.flow import euler_sample, linear_times
 from report2ct.pipeline import autocast
 
 
@@ -38,14 +39,16 @@ def best_of(repeats: int, fn) -> float:
 @torch.inference_mode()
 def monai_loop(denoiser, noise, cond, num_steps, guidance_scale):
     """What a MAISI-style script does: scheduler state, two forwards a step."""
+    # The unconditional half: the report dropped (the empty condition), the spacing kept.
+    uncond = Condition(empty_like(cond.context), cond.spacing_mm)
     scheduler = RFlowScheduler(num_train_timesteps=1000, use_discrete_timesteps=False)
     scheduler.set_timesteps(num_inference_steps=num_steps)
     timesteps = torch.cat([scheduler.timesteps.float(), torch.zeros(1)])
     x = noise.clone()
     for t, t_next in itertools.pairwise(timesteps):
         tv = (t / 1000).expand(x.shape[0])
-        v_c = denoiser(x, tv, cond.context, cond.spacing_mm)
-        v_u = denoiser(x, tv, cond.null_context, cond.spacing_mm)
+        v_c = denoiser(x, tv, **cond.inputs(guided=False))
+        v_u = denoiser(x, tv, **uncond.inputs(guided=False))
         x, _ = scheduler.step(v_u + guidance_scale * (v_c - v_u), t, x, t_next)
     return x
 
@@ -66,9 +69,7 @@ def main() -> None:
     latent_shape = config.latent_shape(config.default_shape)
     noise = torch.randn(1, *latent_shape, generator=torch.Generator().manual_seed(1))
     cond = Condition(
-        torch.randn(1, 2, config.context_dim) * 0.1,
-        torch.zeros(1, 2, config.context_dim),
-        torch.tensor([config.default_spacing_mm]),
+        torch.randn(1, 2, config.context_dim) * 0.1, torch.tensor([config.default_spacing_mm])
     )
     guidance = 5.0
     device = torch.device("cpu")
@@ -81,11 +82,10 @@ def main() -> None:
     with torch.inference_mode():
         x2 = torch.cat([noise, noise])
         t2 = torch.full((2,), 0.5)
-        ctx2 = torch.cat([cond.context, cond.null_context])
-        sp2 = torch.cat([cond.spacing_mm, cond.spacing_mm])
+        guided = cond.inputs(guided=True)  # the conditional and unconditional halves
         for precision in ("fp32", "bf16"):
             with autocast(device, precision):
-                step = best_of(args.repeats, lambda: denoiser(x2, t2, ctx2, sp2))
+                step = best_of(args.repeats, lambda: denoiser(x2, t2, **guided))
                 decode = best_of(args.repeats, lambda: codec.decode(noise))
             rows.append((precision, step, decode))
     print(f"{'precision':>9} | {'denoiser step (guided pair)':>28} | {'decode':>8}")
