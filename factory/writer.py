@@ -114,32 +114,16 @@ def encode_ome_zarr(
 
 
 def write_ome_zarr(
-    path: Path,
-    volume_xyz: np.ndarray,
-    spacing_mm: tuple[float, float, float],
-    *,
-    attributes: Mapping[str, Any],
-    mask_xyz: np.ndarray | None = None,
-    mask_classes: Mapping[int, tuple[str, tuple[int, int, int, int]]] | None = None,
-    compression: Compression = DEFAULT_COMPRESSION,
-    downsampled: bool = False,
+    path: Path, volume_xyz: np.ndarray, spacing_mm: tuple[float, float, float], **options: Any
 ) -> Path:
     """Write a local OME-Zarr image group at `path` (a directory), with the
-    mask as `labels/mask` when given (`mask_classes`: value -> (name, rgba))."""
-    objects = encode_ome_zarr(
-        volume_xyz,
-        spacing_mm,
-        attributes=attributes,
-        mask_xyz=mask_xyz,
-        mask_classes=mask_classes,
-        compression=compression,
-        downsampled=downsampled,
-    )
-    root = Path(path)
-    for key, data in objects.items():
-        (root / key).parent.mkdir(parents=True, exist_ok=True)
-        (root / key).write_bytes(data)
-    return root
+    mask as `labels/mask` when given; `options` are `encode_ome_zarr`'s
+    (`attributes` required; `mask_xyz`, `mask_classes` value -> (name,
+    rgba), `compression`, `downsampled`)."""
+    from factory.storage import LocalStorage
+
+    put_ome_zarr(LocalStorage(str(path)), "", volume_xyz, spacing_mm, **options)
+    return Path(path)
 
 
 def put_ome_zarr(
@@ -155,8 +139,9 @@ def put_ome_zarr(
     downsampled: bool = False,
 ) -> dict[str, str]:
     """Encode the image group in memory and write its objects under `key`
-    of `storage` (one `write_bytes` each, concurrently); returns {key of
-    each object under `storage`: sha256}, what a commit marker records."""
+    of `storage` ("" for its root), one `write_bytes` each, concurrently;
+    returns {key of each object under `storage`: sha256}, what a commit
+    marker records."""
     from concurrent.futures import ThreadPoolExecutor
 
     from factory.storage import join
@@ -173,8 +158,9 @@ def put_ome_zarr(
 
     def put(item: tuple[str, bytes]) -> tuple[str, str]:
         name, data = item
-        storage.write_bytes(join(key, name), data)
-        return join(key, name), hashlib.sha256(data).hexdigest()
+        target = join(key, name) if key else name
+        storage.write_bytes(target, data)
+        return target, hashlib.sha256(data).hexdigest()
 
     with ThreadPoolExecutor(min(PUT_THREADS, len(objects))) as pool:
         return dict(pool.map(put, sorted(objects.items())))
