@@ -39,6 +39,9 @@ DEFAULT_BUNDLE = BUNDLES / "demo"  # report text -> CT
 # The same recipe with the label token and a ControlNet (masks, labels alone).
 CONTROL_BUNDLE = BUNDLES / "demo-control"
 RECORDS_PER_PART = 1000
+# Calls of one generation actor in flight at once: one samples on the
+# accelerator while the other writes (factory.worker); more would only queue.
+PIPELINE_DEPTH = 2
 # Ray Data's read and repartition tasks each ask for one CPU; on a CPU-only
 # cluster the actors leave that much free (their torch threads still use the
 # cores: a CPU request is a scheduling label, not a limit).
@@ -304,7 +307,11 @@ def _generate(
             GenerateWorker,
             fn_constructor_kwargs={"options": worker_options},
             batch_size=options.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=options.workers),
+            compute=ray.data.ActorPoolStrategy(
+                size=options.workers,
+                max_concurrent_calls_per_actor=PIPELINE_DEPTH,
+                enable_true_multi_threading=True,
+            ),
             num_gpus=options.gpus_per_worker or None,
             num_cpus=_cpus_per_worker(ray, options),
             # Ray Data restarts dead actors and retries their batches

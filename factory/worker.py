@@ -3,9 +3,13 @@ once and turns batches of validated records into committed volumes.
 
     plan    expand records into volume tasks; drop those already committed
     batch   group the rest by output grid, mask or not and guidance
-    sample  resolve masks, then one `generate()` call per batch
+    sample  resolve masks, then one `generate()` call per batch, holding
+            the accelerator lock (the only step that uses the device)
     write   every output of a volume under its attempt's own folder
     commit  the commit marker, written last and once (factory.commit)
+
+Two calls run at once in one actor, so one batch is written while the next
+samples: a bounded pipeline (depth `factory.job.PIPELINE_DEPTH`).
 
 It keeps no per-record state: everything a record needs travels with it, and
 every decision (skip a committed key, write a fresh attempt, commit or lose)
@@ -19,6 +23,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -107,6 +112,11 @@ class GenerateWorker:
         self.model_provenance = self.model.provenance()
         control = self.model.config.control
         self.mask_classes = control.display_classes() if control is not None else {}
+        # Ray Data runs up to PIPELINE_DEPTH calls of this actor at once
+        # (factory.job): each samples under this lock, then writes, encodes,
+        # uploads and commits outside it, so the next batch samples while the
+        # last one is written and the accelerator does not wait for storage.
+        self.accelerator = threading.Lock()
 
     # -- Ray Data entry point --------------------------------------------
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[str]]:
@@ -176,15 +186,16 @@ class GenerateWorker:
         sampling = self.options.sampling
         guidance = tasks[0].record.guidance_scale
         try:
-            result = generate(
-                self.model,
-                [item.request for item in ready],
-                shape=shape,
-                num_steps=sampling.num_steps,
-                guidance_scale=sampling.guidance_scale if guidance is None else guidance,
-                precision=sampling.precision,
-                method=sampling.method,
-            )
+            with self.accelerator:  # one batch on the device at a time; writes overlap
+                result = generate(
+                    self.model,
+                    [item.request for item in ready],
+                    shape=shape,
+                    num_steps=sampling.num_steps,
+                    guidance_scale=sampling.guidance_scale if guidance is None else guidance,
+                    precision=sampling.precision,
+                    method=sampling.method,
+                )
         except Exception as error:
             log.exception("generation failed for %s", [item.task.key for item in ready])
             return outcomes + [item.task.failed(_reason(error)) for item in ready]
