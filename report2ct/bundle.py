@@ -26,6 +26,11 @@ FORMAT = "report2ct-bundle/1"
 SUMS = "SHA256SUMS"
 # Data formats only: no pickles (.bin/.pt/.pth/.pkl/.ckpt), no code (.py).
 ALLOWED_SUFFIXES = {".json", ".safetensors", ".txt", ".md", ".png", ".csv", ".model"}
+# The one exception: the code an encoder's repository ships (CXR-BERT's
+# modeling files), allowed only inside that encoder's directory, only when
+# its spec trusts remote code and only when SHA256SUMS lists it; loading such
+# a bundle still needs `allow_remote_code=True`.
+CODE_SUFFIX = ".py"
 
 
 class BundleError(RuntimeError):
@@ -77,11 +82,15 @@ def verify_bundle(path: str | Path) -> str:
             raise BundleError(f"{sums_path}:{number}: malformed line {line[:80]!r}")
         listed[name] = digest
     present = [name for name in _files(root) if name != SUMS]
+    code_dirs = _remote_code_dirs(root) if any(_is_code(n) for n in present) else set()
     for name in present:
-        if Path(name).suffix.lower() not in ALLOWED_SUFFIXES:
+        if _is_code(name) and Path(name).parent.as_posix() in code_dirs:
+            pass  # its encoder's own code: checked against SHA256SUMS below
+        elif Path(name).suffix.lower() not in ALLOWED_SUFFIXES:
             raise BundleError(
                 f"{root / name}: file type not allowed in a bundle (only data formats: "
-                f"{', '.join(sorted(ALLOWED_SUFFIXES))}; never pickles or code)"
+                f"{', '.join(sorted(ALLOWED_SUFFIXES))}; never pickles; code only in "
+                "encoders/<name>/ of an encoder whose spec trusts remote code)"
             )
         if name not in listed:
             raise BundleError(f"{root / name}: not listed in {SUMS}")
@@ -92,6 +101,28 @@ def verify_bundle(path: str | Path) -> str:
         if _sha256(file) != digest:
             raise BundleError(f"{file}: checksum mismatch (modified or corrupt)")
     return hashlib.sha256(sums_path.read_bytes()).hexdigest()
+
+
+def _is_code(name: str) -> bool:
+    return Path(name).suffix.lower() == CODE_SUFFIX
+
+
+def _remote_code_dirs(root: Path) -> set[str]:
+    """The directories whose code a bundle may carry: `encoders/<name>` of
+    each encoder that lives in the bundle and trusts remote code. The
+    config's own checksum is verified with every other file's."""
+    try:
+        encoders = json.loads((root / "config.json").read_text())["model"]["encoders"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return set()
+    return {
+        e["source"].removeprefix("bundle:")
+        for e in encoders
+        if isinstance(e, dict)
+        and e.get("trust_remote_code") is True
+        and str(e.get("source", "")).startswith("bundle:encoders/")
+        and len(Path(e["source"].removeprefix("bundle:")).parts) == 2
+    }
 
 
 def read_config(path: str | Path) -> ModelConfig:
@@ -404,9 +435,13 @@ def build_random_bundle(
     preset_name: str = "tiny",
     seed: int = 0,
     config: ModelConfig | None = None,
+    encoder_dirs: Mapping[str, str | Path] = {},
+    metadata: Mapping[str, object] | None = None,
 ) -> str:
     """A randomly initialised bundle of a preset (encoders inside it random
-    too, the packaged MiniLM referenced): for tests and benchmarks."""
+    too, the packaged MiniLM referenced): for tests and benchmarks.
+    `encoder_dirs` ({"encoders/<name>": directory}) ships real encoders
+    instead of random ones for those `bundle:` sources."""
     import tempfile
 
     from report2ct.codec import LatentCodec
@@ -420,10 +455,10 @@ def build_random_bundle(
     perturb_zero_init(denoiser, seed=seed)
     weights = {name: m.state_dict() for name, m in weight_modules(codec, denoiser).items()}
     with tempfile.TemporaryDirectory() as scratch:
-        extra = {}
+        extra = dict(encoder_dirs)
         for spec in config.encoders:
-            if spec.source.startswith("bundle:"):
-                dest = spec.source.removeprefix("bundle:")
+            dest = spec.source.removeprefix("bundle:")
+            if spec.source.startswith("bundle:") and dest not in extra:
                 extra[dest] = write_random_bert(
                     Path(scratch) / dest, hidden_size=spec.dim, seed=seed
                 )
@@ -435,5 +470,6 @@ def build_random_bundle(
             metadata={
                 "trained": False,
                 "note": f"randomly initialised {config.name} bundle, seed {seed}",
+                **(metadata or {}),
             },
         )

@@ -86,7 +86,9 @@ class TextConditioner:
             if spec.trust_remote_code and not allow_remote_code:
                 raise EncoderLoadError(
                     f"encoder {spec.name} asks to run code from its repository "
-                    "(trust_remote_code); refused unless explicitly allowed"
+                    "(trust_remote_code); refused unless remote code is allowed "
+                    "(allow_remote_code=True; on the command line --allow-remote-code, "
+                    "in a job spec allow_remote_code: true)"
                 )
             where, revision = resolve_source(spec, bundle_dir)
             kwargs = {"revision": revision, "trust_remote_code": spec.trust_remote_code}
@@ -198,6 +200,15 @@ def _load_encoder(spec: EncoderSpec, where: str, kwargs: dict):
     def not_the_load_report(record: logging.LogRecord) -> bool:
         return "LOAD REPORT" not in str(record.msg)
 
+    folder = Path(where)
+    if folder.is_dir() and not any(folder.glob("*.safetensors")):
+        pickled = sorted(p.name for p in folder.glob("*.bin"))
+        raise EncoderLoadError(
+            f"encoder {spec.name} from {where}: no safetensors weights"
+            + (f" (only {', '.join(pickled)}, a pickle never loaded here)" if pickled else "")
+            + f"; import it with `--encoder {spec.name}={where}` (bundle init, train ldm, "
+            "train export), which converts the weights to safetensors"
+        )
     report = logging.getLogger("transformers.modeling_utils")
     report.addFilter(not_the_load_report)
     try:
