@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
 from zarr.storage import MemoryStore
@@ -237,14 +238,17 @@ def _write_mask(
 ) -> None:
     """The label image, with as many levels as the image (OME-Zarr asks
     it): a 2x level of labels takes every other voxel, never a mean."""
-    if mask_xyz.size and (mask_xyz.min() < 0 or mask_xyz.max() > 255):
-        raise ValueError("label values must fit uint8")
-    counts = np.bincount(mask_xyz.astype(np.uint8, copy=False).reshape(-1), minlength=256)
-    present = [int(v) for v in np.flatnonzero(counts) if v]
+    if mask_xyz.dtype != np.uint8:
+        if mask_xyz.size and (mask_xyz.min() < 0 or mask_xyz.max() > 255):
+            raise ValueError("label values must fit uint8")
+        mask_xyz = mask_xyz.astype(np.uint8)
+    # torch counts uint8 as is; np.bincount would widen 59M values to int64 first.
+    flat = np.require(mask_xyz.reshape(-1), requirements=["C", "W"])  # from_numpy: writable
+    counts = torch.bincount(torch.from_numpy(flat), minlength=256)
+    present = [int(v) for v in torch.nonzero(counts).flatten() if v]
     labels = group.create_group("labels")
     labels.attrs["ome"] = {"version": OME_VERSION, "labels": [MASK_LABEL]}
     label = labels.create_group(MASK_LABEL)
-    mask_xyz = mask_xyz.astype(np.uint8)
     datasets = [
         _array(
             label,
