@@ -9,10 +9,26 @@ real CT-RATE and the phantom world alike.
     <root>/masks/<same relative path as the volume>   label maps (uint8)
     <root>/masks/legend.json                          values -> names, tissues, colours
 
-Volumes are stored as CT-RATE stores them: raw values (HU + 1024) with
-RescaleSlope 1 and RescaleIntercept -1024 in the metadata, and an affine built
-from the spacing. Phantom i's seed is derived from (seed, i), so the data set
-is the same whatever the number of workers.
+By default volumes are stored raw (HU + 1024) with RescaleSlope 1 and
+RescaleIntercept -1024 in the metadata, and a RAS affine built from the
+spacing. Real CT-RATE is not that uniform, so `Quirks` writes the storage
+conventions a reader meets in the released data (each is a per-volume option,
+drawn per volume when given as a tuple):
+
+    storage      "raw+metadata"  raw values, the rescale only in the metadata (the default)
+                 "hu+metadata"   values already in HU, the metadata still saying
+                                 intercept -1024 (the *_fixed release)
+                 "raw+header"    raw values with the NIfTI header's own scl_slope 1 /
+                                 scl_inter -1024 (nibabel applies it) and the same
+                                 rescale in the metadata
+    orientation  "RAS" | "LPS"   LPS: x and y stored flipped, with the affine saying so
+    padding_hu   -8192 | -3024 | -2048 | ...  outside the scan circle
+    in_plane_mm  (lo, hi)        an in-plane spacing drawn per volume (CT-RATE: 0.3-1 mm),
+                                 over the spec's field of view
+
+Phantom i's seed is derived from (seed, i), and its quirks from (seed, i, 1),
+so the data set is the same whatever the number of workers, and the default
+output does not depend on the quirk options existing.
 """
 
 from __future__ import annotations
@@ -32,6 +48,8 @@ from phantom.world import DEFAULT_PREVALENCE, DEFAULT_SHAPE, DEFAULT_SPACING_MM,
 from report2ct.labels import CTRATE_LABELS
 
 RESCALE_INTERCEPT = -1024.0
+STORAGES = ("raw+metadata", "hu+metadata", "raw+header")
+ORIENTATIONS = ("RAS", "LPS")
 SPLITS = {
     "train": (
         "train_fixed",
@@ -73,6 +91,47 @@ METADATA_COLUMNS = [
 ]
 
 
+def _choices(option: str | tuple[str, ...]) -> tuple[str, ...]:
+    return (option,) if isinstance(option, str) else tuple(option)
+
+
+@dataclass(frozen=True)
+class Quirks:
+    """Real CT-RATE storage conventions as writer options (module docstring);
+    a tuple of choices is drawn per volume."""
+
+    storage: str | tuple[str, ...] = "raw+metadata"
+    orientation: str | tuple[str, ...] = "RAS"
+    padding_hu: int | None = None
+    in_plane_mm: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        for field, allowed in (("storage", STORAGES), ("orientation", ORIENTATIONS)):
+            for choice in _choices(getattr(self, field)):
+                if choice not in allowed:
+                    raise ValueError(f"Quirks.{field}: {choice!r} is not one of {allowed}")
+        if self.padding_hu is not None and not -32768 + 1024 <= self.padding_hu < -1024:
+            raise ValueError(
+                f"Quirks.padding_hu: {self.padding_hu} is not a padding value "
+                "(below -1024 HU and storable as int16 raw)"
+            )
+        if self.in_plane_mm is not None:
+            lo, hi = self.in_plane_mm
+            if not 0 < lo <= hi:
+                raise ValueError(f"Quirks.in_plane_mm: {self.in_plane_mm} is not a range (lo, hi)")
+
+
+@dataclass(frozen=True)
+class VolumeQuirks:
+    """What one volume was written with: the truth a reader is tested against."""
+
+    storage: str
+    orientation: str
+    padding_hu: int | None
+    shape: tuple[int, int, int]
+    spacing_mm: tuple[float, float, float]
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     n: int
@@ -81,6 +140,7 @@ class DatasetSpec:
     spacing_mm: tuple[float, float, float] = DEFAULT_SPACING_MM
     prevalence: float = DEFAULT_PREVALENCE
     valid_fraction: float = 0.1
+    quirks: Quirks = Quirks()
 
 
 def phantom_seed(seed: int, index: int) -> int:
@@ -103,25 +163,76 @@ def affine_for(spacing_mm, shape) -> np.ndarray:
     return affine
 
 
+def volume_quirks(spec: DatasetSpec, index: int) -> VolumeQuirks:
+    """Volume `index`'s quirks, a pure function of (spec, index). Draws come
+    from their own stream, (seed, index, 1), never the phantom's."""
+    quirks = spec.quirks
+    rng = np.random.default_rng(np.random.SeedSequence([spec.seed, index, 1]))
+    storage = _choices(quirks.storage)[int(rng.integers(len(_choices(quirks.storage))))]
+    orientation = _choices(quirks.orientation)[int(rng.integers(len(_choices(quirks.orientation))))]
+    shape, spacing = tuple(spec.shape), tuple(float(v) for v in spec.spacing_mm)
+    if quirks.in_plane_mm is not None:
+        # CT-RATE's in-plane spacing varies per scan over one field of view
+        mm = round(float(rng.uniform(*quirks.in_plane_mm)), 3)
+        shape = (
+            max(1, round(shape[0] * spacing[0] / mm)),
+            max(1, round(shape[1] * spacing[1] / mm)),
+            shape[2],
+        )
+        spacing = (mm, mm, spacing[2])
+    return VolumeQuirks(storage, orientation, quirks.padding_hu, shape, spacing)
+
+
+def outside_scan_circle(shape) -> np.ndarray:
+    """(X, Y, 1) bool: in-plane voxels outside the circle inscribed in the
+    field of view, where a scanner reconstructs nothing and writes padding."""
+    x = (np.arange(shape[0]) - (shape[0] - 1) / 2) / (shape[0] / 2)
+    y = (np.arange(shape[1]) - (shape[1] - 1) / 2) / (shape[1] / 2)
+    return (x[:, None] ** 2 + y[None, :] ** 2 > 1.0)[:, :, None]
+
+
+def lps_affine(spacing_mm, shape) -> np.ndarray:
+    """The affine of an array stored with x and y reversed (LPS, the DICOM
+    order), placing every voxel where `affine_for` places it unreversed."""
+    affine = affine_for(spacing_mm, shape)
+    affine[:2, :2] *= -1
+    affine[:2, 3] *= -1
+    return affine
+
+
 def _write_one(args) -> dict:
     root, spec, index, split = args
+    quirks = volume_quirks(spec, index)
     phantom = make_phantom(
         phantom_seed(spec.seed, index),
-        shape=spec.shape,
-        spacing_mm=spec.spacing_mm,
+        shape=quirks.shape,
+        spacing_mm=quirks.spacing_mm,
         prevalence=spec.prevalence,
     )
     name = volume_name(split, index)
     rel = relative_path(name)
-    affine = affine_for(spec.spacing_mm, spec.shape)
-    raw = (phantom.volume_hu.astype(np.int32) - int(RESCALE_INTERCEPT)).astype(np.int16)
-    for base, data in ((Path(root), raw), (Path(root) / "masks", phantom.mask)):
+    affine = affine_for(quirks.spacing_mm, quirks.shape)
+    hu = phantom.volume_hu.astype(np.int32)
+    if quirks.padding_hu is not None:
+        hu = np.where(outside_scan_circle(quirks.shape), quirks.padding_hu, hu)
+    if quirks.storage == "hu+metadata":
+        stored = hu.astype(np.int16)
+    else:
+        stored = (hu - int(RESCALE_INTERCEPT)).astype(np.int16)
+    mask = phantom.mask
+    if quirks.orientation == "LPS":
+        stored, mask = stored[::-1, ::-1], mask[::-1, ::-1]
+        affine = lps_affine(quirks.spacing_mm, quirks.shape)
+    for base, data, scaled in ((Path(root), stored, True), (Path(root) / "masks", mask, False)):
         target = base / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         image = nib.Nifti1Image(data, affine)
         image.header.set_xyzt_units("mm")
+        if scaled and quirks.storage == "raw+header":
+            # set after construction: nibabel keeps it for the saved file
+            image.header.set_slope_inter(1.0, RESCALE_INTERCEPT)
         nib.save(image, str(target))
-    sx, sy, sz = spec.spacing_mm
+    sx, sy, sz = quirks.spacing_mm
     return {
         "split": split,
         "report": {
@@ -139,9 +250,9 @@ def _write_one(args) -> dict:
             "PatientSex": "O",
             "PatientAge": "000Y",
             "StudyDate": "20260101",
-            "Rows": spec.shape[1],
-            "Columns": spec.shape[0],
-            "NumberofSlices": spec.shape[2],
+            "Rows": quirks.shape[1],
+            "Columns": quirks.shape[0],
+            "NumberofSlices": quirks.shape[2],
             "XYSpacing": f"[{sx}, {sy}]",
             "ZSpacing": sz,
             "RescaleIntercept": RESCALE_INTERCEPT,
