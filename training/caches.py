@@ -61,12 +61,16 @@ def latent_text_cache(
     conditions: list[VolumeConditions],
     *,
     encoders_dir: Path | None,
+    allow_remote_code: bool = False,
 ) -> tuple[dict[str, torch.Tensor], float]:
     """The diffusion stage's inputs, computed once into `path` and reused:
-    see `load_latent_cache`. `encoders_dir` holds `bundle:` text encoders."""
+    see `load_latent_cache`. `encoders_dir` holds `bundle:` text encoders;
+    `allow_remote_code` lets those that ship their own code run it."""
     if not path.exists():
         latents = encode_latents(codec, volumes_hu)
-        conditioner = TextConditioner(config.encoders, bundle_dir=encoders_dir)
+        conditioner = TextConditioner(
+            config.encoders, bundle_dir=encoders_dir, allow_remote_code=allow_remote_code
+        )
         contexts = encode_reports(
             conditioner, [c.findings for c in conditions], [c.impression for c in conditions]
         )

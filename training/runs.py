@@ -2,27 +2,36 @@
 and the run directories of the stages before it:
 
     train_vae_run(data, "runs/vae", config, train_config)
-    train_ldm_run(data, "runs/vae", "runs/ldm", config, train_config, encoders_dir=...)
+    train_ldm_run(data, "runs/vae", "runs/ldm", config, train_config, encoders_dir=...,
+                  encoders={"Bio_ClinicalBERT": "/models/bio-clinical"}, allow_remote_code=...)
     train_controlnet_run(data, "runs/ldm", "runs/controlnet", config, train_config)
 
 A later stage reads an earlier run's latest EMA weights and, after the LDM,
-its latent cache (`load_ldm_run`), so the runs chain without a bundle.
+its latent cache (`load_ldm_run`), so the runs chain without a bundle. An LDM
+run holds the text encoders its cache was computed with (`encoders/<name>/`,
+their specs in `encoders.json`), so the export ships exactly those. A VAE
+run is `checkpoints/step-N/ema.safetensors` + `client.json`, which a
+pretrained MAISI VAE can become too (`training.maisi.import_maisi_vae`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from report2ct.codec import LatentCodec
-from report2ct.config import ControlConfig, ModelConfig
+from report2ct.config import ControlConfig, EncoderSpec, ModelConfig
 from report2ct.denoiser import Denoiser
 from training.caches import latent_text_cache, load_latent_cache
 from training.data.ctrate import mask_legend
 from training.data.volumes import load_volumes
+from training.encoder import ENCODERS_JSON, EncoderImportError, import_encoders
 from training.engine import TrainConfig, TrainResult, load_ema
 from training.stages import LatentSet, train_controlnet, train_ldm, train_vae
 
@@ -52,6 +61,51 @@ def load_ldm_run(
     return LdmRun(config, denoiser, cache, step)
 
 
+def run_encoders(run: str | Path) -> tuple[EncoderSpec, ...] | None:
+    """The text encoder specs an LDM run recorded (None for a run made
+    before runs recorded them); their `bundle:` sources are under the run."""
+    record = Path(run) / ENCODERS_JSON
+    if not record.is_file():
+        return None
+    return tuple(EncoderSpec(**spec) for spec in json.loads(record.read_text())["encoders"])
+
+
+def prepare_run_encoders(
+    config: ModelConfig,
+    run: str | Path,
+    overrides: Mapping[str, str] | None = None,
+    *,
+    allow_remote_code: bool = False,
+    encoders_dir: str | Path | None = None,
+) -> ModelConfig:
+    """Put the run's text encoders under `run/encoders/` once (the preset's
+    hub encoders from the local cache, `overrides` from where they say, the
+    `bundle:` ones copied from `encoders_dir`) and record their specs; the
+    returned config names them as `bundle:` encoders of the run. A resumed
+    run must ask for the same encoders it was started with."""
+    run = Path(run)
+    record = run / ENCODERS_JSON
+    asked = {"preset": config.name, "overrides": dict(sorted((overrides or {}).items()))}
+    if record.is_file():
+        saved = json.loads(record.read_text())
+        if saved.get("asked") != asked:
+            raise EncoderImportError(
+                f"{run}: its text cache was made with encoders {saved.get('asked')}, not "
+                f"{asked}; use another --out for other encoders"
+            )
+        return dataclasses.replace(config, encoders=run_encoders(run))
+    run.mkdir(parents=True, exist_ok=True)
+    config, dirs = import_encoders(
+        config, run, overrides, allow_remote_code=allow_remote_code, encoders_dir=encoders_dir
+    )
+    for dest, source in dirs.items():
+        if source.resolve() != (run / dest).resolve():
+            shutil.copytree(source, run / dest, dirs_exist_ok=True)
+    document = {"asked": asked, "encoders": [dataclasses.asdict(e) for e in config.encoders]}
+    record.write_text(json.dumps(document, indent=2) + "\n")
+    return config
+
+
 def train_vae_run(
     data: str | Path,
     out: str | Path,
@@ -73,14 +127,28 @@ def train_ldm_run(
     train_config: TrainConfig,
     *,
     encoders_dir: Path | None = None,
+    encoders: Mapping[str, str] | None = None,
+    allow_remote_code: bool = False,
 ) -> tuple[float, TrainResult]:
-    """(the latent scale factor, the result); the caches go to OUT/cache.safetensors."""
+    """(the latent scale factor, the result); the caches go to
+    OUT/cache.safetensors, the text encoders to OUT/encoders/
+    (`prepare_run_encoders`: `encoders` maps a preset encoder's name to a
+    local directory or a cached hub id)."""
     out = Path(out)
+    config = prepare_run_encoders(
+        config, out, encoders, allow_remote_code=allow_remote_code, encoders_dir=encoders_dir
+    )
     codec = LatentCodec(config.vae)
     load_ema(codec.vae, vae_run)
     volumes, conditions = load_volumes(data, config)
     cached, scale = latent_text_cache(
-        out / CACHE, codec, config, volumes, conditions, encoders_dir=encoders_dir
+        out / CACHE,
+        codec,
+        config,
+        volumes,
+        conditions,
+        encoders_dir=out,
+        allow_remote_code=allow_remote_code,
     )
     config = dataclasses.replace(config, latent_scale=scale)
     _, result = train_ldm(

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from jobs.cli._app import app
+from jobs.cli.bundle import ENCODER_HELP, REMOTE_CODE_HELP, encoder_overrides
 
 train_app = typer.Typer(
     help="Train with DeepSpeed (ZeRO-2, bf16) on a CT-RATE-layout data set.", no_args_is_help=True
@@ -110,19 +111,35 @@ def ldm(
     micro_batch: int = typer.Option(8, "--micro-batch", min=1),
     lr: float = typer.Option(3e-4, "--lr"),
     zero_stage: int = typer.Option(2, "--zero-stage", min=0, max=3),
+    encoder: list[str] | None = typer.Option(None, "--encoder", help=ENCODER_HELP),
+    allow_remote_code: bool = typer.Option(False, "--allow-remote-code", help=REMOTE_CODE_HELP),
 ) -> None:
     """Train the latent diffusion model on cached VAE latents and report
     contexts (computed once into OUT/cache.safetensors), with the label
-    token when the preset has one; resumes from OUT."""
+    token when the preset has one; resumes from OUT. The text encoders are
+    copied into OUT/encoders/ first, and `train export` ships those."""
     from report2ct.config import preset as model_preset
+    from training.encoder import EncoderImportError
     from training.engine import TrainConfig
     from training.runs import train_ldm_run
 
+    overrides = encoder_overrides(encoder)
     _setup_logging()
     train_config = TrainConfig(steps=steps, micro_batch=micro_batch, lr=lr, zero_stage=zero_stage)
-    scale, _ = train_ldm_run(
-        data, vae_run, out, model_preset(preset), train_config, encoders_dir=encoders_dir
-    )
+    try:
+        scale, _ = train_ldm_run(
+            data,
+            vae_run,
+            out,
+            model_preset(preset),
+            train_config,
+            encoders_dir=encoders_dir,
+            encoders=overrides,
+            allow_remote_code=allow_remote_code,
+        )
+    except EncoderImportError as error:
+        typer.echo(f"refused: {error}", err=True)
+        raise typer.Exit(2) from None
     typer.echo(f"trained; checkpoints in {out / 'checkpoints'} (latent scale {scale:.4f})")
 
 
@@ -168,21 +185,61 @@ def export(
         None, "--data", help="the ControlNet's data set (its masks/legend.json is the legend)"
     ),
     preset: str = typer.Option("demo", "--preset"),
+    encoder: list[str] | None = typer.Option(
+        None,
+        "--encoder",
+        help=ENCODER_HELP + " Only for an LDM run that did not record its own (encoders/).",
+    ),
+    allow_remote_code: bool = typer.Option(False, "--allow-remote-code", help=REMOTE_CODE_HELP),
 ) -> None:
     """Export the runs' EMA weights (latest checkpoints) as a verified bundle
-    that `ctfactory generate --model` loads."""
+    that `ctfactory generate --model` loads, with the text encoders the LDM
+    run was trained with."""
     from report2ct.config import preset as model_preset
+    from training.encoder import EncoderImportError
     from training.export import export_runs
 
+    overrides = encoder_overrides(encoder)
     if (controlnet_run is None) != (data is None):
         raise typer.BadParameter("--controlnet-run and --data go together")
-    sha = export_runs(
-        out,
-        model_preset(preset),
-        vae_run,
-        ldm_run,
-        encoders_dir=encoders_dir,
-        controlnet_run=controlnet_run,
-        data=data,
-    )
+    try:
+        sha = export_runs(
+            out,
+            model_preset(preset),
+            vae_run,
+            ldm_run,
+            encoders_dir=encoders_dir,
+            controlnet_run=controlnet_run,
+            data=data,
+            encoders=overrides,
+            allow_remote_code=allow_remote_code,
+        )
+    except EncoderImportError as error:
+        typer.echo(f"refused: {error}", err=True)
+        raise typer.Exit(2) from None
     typer.echo(f"bundle {out} sha256 {sha}")
+
+
+@train_app.command("import-vae")
+def import_vae(
+    checkpoint: Path = typer.Argument(
+        ..., help="a pretrained MAISI VAE: NVIDIA's .pt (a state dict) or .safetensors"
+    ),
+    out: Path = typer.Option(..., "--out", help="VAE run directory to write"),
+    preset: str = typer.Option(
+        "paper", "--preset", help="the preset whose VAE shape the weights have"
+    ),
+) -> None:
+    """Make a pretrained MAISI VAE a VAE run (checkpoints/step-0/ema.safetensors)
+    that `train ldm --vae-run` and `train export --vae-run` read like one
+    trained here. The .pt is read with torch.load(weights_only=True): tensors
+    only, never code."""
+    from report2ct.config import preset as model_preset
+    from training.maisi import MaisiImportError, import_maisi_vae
+
+    try:
+        import_maisi_vae(checkpoint, out, model_preset(preset))
+    except MaisiImportError as error:
+        typer.echo(f"refused: {error}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"VAE run {out} from {checkpoint} ({preset} shape)")
