@@ -72,15 +72,15 @@ class CXRBertModel(BertForMaskedLM):
 """
 
 
-def _bert_config(vocab_size: int, **extra) -> dict:
+def _bert_config(vocab_size: int, hidden: int, **extra) -> dict:
     from transformers import BertConfig
 
     config = BertConfig(
         vocab_size=vocab_size,
-        hidden_size=DIM,
+        hidden_size=hidden,
         num_hidden_layers=2,
         num_attention_heads=2,
-        intermediate_size=2 * DIM,
+        intermediate_size=2 * hidden,
         max_position_embeddings=128,
     ).to_dict()
     return {**config, **extra}
@@ -92,19 +92,18 @@ def _vocab_size(folder: Path) -> int:
 
 def _bare_bert(folder: Path, seed: int) -> Path:
     """A random BERT's vocab.txt only, the tokenizer config left out."""
-    write_random_bert(folder, hidden_size=DIM, seed=seed)
+    write_random_bert(folder, hidden_size=8, seed=seed)
     for name in list(folder.iterdir()):
         if name.name != "vocab.txt":
             name.unlink()
     return folder
 
 
-@pytest.fixture(scope="module")
-def clinical_bert(tmp_path_factory) -> Path:
+def make_clinical_bert(folder: Path, hidden: int = DIM) -> Path:
     from transformers import BertConfig, BertForPreTraining
 
-    folder = _bare_bert(tmp_path_factory.mktemp("repos") / "Bio_ClinicalBERT", seed=3)
-    config = _bert_config(_vocab_size(folder), architectures=["BertForMaskedLM"])
+    folder = _bare_bert(folder, seed=3)
+    config = _bert_config(_vocab_size(folder), hidden, architectures=["BertForMaskedLM"])
     torch.manual_seed(3)
     model = BertForPreTraining(BertConfig(**config))
     torch.save(model.state_dict(), folder / "pytorch_model.bin")  # keys "bert.*", "cls.*"
@@ -112,13 +111,13 @@ def clinical_bert(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def cxr_bert(tmp_path_factory) -> Path:
+def make_cxr_bert(folder: Path, hidden: int = DIM) -> Path:
     from transformers import BertConfig, BertForMaskedLM
 
-    folder = _bare_bert(tmp_path_factory.mktemp("repos") / "CXR-BERT-specialized", seed=4)
+    folder = _bare_bert(folder, seed=4)
     config = _bert_config(
         _vocab_size(folder),
+        hidden,
         model_type="cxr-bert",
         architectures=["CXRBertModel"],
         projection_size=8,
@@ -131,7 +130,7 @@ def cxr_bert(tmp_path_factory) -> Path:
     bert = BertForMaskedLM(BertConfig(**config))
     state = {
         **bert.state_dict(),
-        "cls_projection_head.weight": torch.randn(8, DIM),
+        "cls_projection_head.weight": torch.randn(8, hidden),
         "cls_projection_head.bias": torch.zeros(8),
     }
     torch.save(state, folder / "pytorch_model.bin")
@@ -144,11 +143,8 @@ def cxr_bert(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def med_embed(tmp_path_factory) -> Path:
-    folder = write_random_bert(
-        tmp_path_factory.mktemp("repos") / "MedEmbed-large", hidden_size=DIM, seed=5
-    )
+def make_med_embed(folder: Path, hidden: int = DIM) -> Path:
+    folder = write_random_bert(folder, hidden_size=hidden, seed=5)
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {
@@ -162,11 +158,26 @@ def med_embed(tmp_path_factory) -> Path:
     (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 512}))
     (folder / "1_Pooling").mkdir()
     (folder / "1_Pooling/config.json").write_text(
-        json.dumps({"word_embedding_dimension": DIM, "pooling_mode_cls_token": True})
+        json.dumps({"word_embedding_dimension": hidden, "pooling_mode_cls_token": True})
     )
     (folder / "onnx").mkdir()
     (folder / "onnx/model.onnx").write_bytes(b"not shipped")
     return folder
+
+
+@pytest.fixture(scope="module")
+def clinical_bert(tmp_path_factory) -> Path:
+    return make_clinical_bert(tmp_path_factory.mktemp("repos") / "Bio_ClinicalBERT")
+
+
+@pytest.fixture(scope="module")
+def cxr_bert(tmp_path_factory) -> Path:
+    return make_cxr_bert(tmp_path_factory.mktemp("repos") / "CXR-BERT-specialized")
+
+
+@pytest.fixture(scope="module")
+def med_embed(tmp_path_factory) -> Path:
+    return make_med_embed(tmp_path_factory.mktemp("repos") / "MedEmbed-large")
 
 
 def _init(out: Path, *extra: str):
@@ -281,3 +292,35 @@ def test_a_hub_id_is_read_from_the_local_cache(clinical_bert, tmp_path, monkeypa
     spec = json.loads((tmp_path / "b/config.json").read_text())["model"]["encoders"][1]
     assert spec["revision"] == "0123abcd"
     _encodes(tmp_path / "b")
+
+
+def test_the_paper_presets_three_encoders_at_their_widths(tmp_path):
+    """The `paper` preset's names and widths (768, 1024, 768; two layers
+    each), imported as `bundle init --preset paper` does: CXR-BERT carries
+    its code and trusts it, the other two do not; the context is 2560-d."""
+    from report2ct.config import preset
+    from report2ct.text import TextConditioner
+    from training.encoder import EncoderImportError, import_encoders
+
+    repos = {
+        "BiomedVLP-CXR-BERT-specialized": make_cxr_bert(tmp_path / "cxr", 768),
+        "MedEmbed-large-v0.1": make_med_embed(tmp_path / "med", 1024),
+        "Bio_ClinicalBERT": make_clinical_bert(tmp_path / "clinical", 768),
+    }
+    overrides = {name: str(folder) for name, folder in repos.items()}
+    with pytest.raises(EncoderImportError, match=r"BiomedVLP.*--allow-remote-code"):
+        import_encoders(preset("paper"), tmp_path / "refused", overrides)
+    config, dirs = import_encoders(
+        preset("paper"), tmp_path / "bundle", overrides, allow_remote_code=True
+    )
+    assert [(e.source, e.trust_remote_code) for e in config.encoders] == [
+        ("bundle:encoders/BiomedVLP-CXR-BERT-specialized", True),
+        ("bundle:encoders/MedEmbed-large-v0.1", False),
+        ("bundle:encoders/Bio_ClinicalBERT", False),
+    ]
+    assert sorted(dirs) == sorted(e.source.removeprefix("bundle:") for e in config.encoders)
+    conditioner = TextConditioner(
+        config.encoders, bundle_dir=tmp_path / "bundle", allow_remote_code=True
+    )
+    context = conditioner.encode(["Bilateral pleural effusion."], [None])
+    assert context.shape == (1, 2, 2560) and context[0, 0].abs().sum() > 0
