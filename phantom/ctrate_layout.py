@@ -170,7 +170,8 @@ def volume_quirks(spec: DatasetSpec, index: int) -> VolumeQuirks:
     rng = np.random.default_rng(np.random.SeedSequence([spec.seed, index, 1]))
     storage = _choices(quirks.storage)[int(rng.integers(len(_choices(quirks.storage))))]
     orientation = _choices(quirks.orientation)[int(rng.integers(len(_choices(quirks.orientation))))]
-    shape, spacing = tuple(spec.shape), tuple(float(v) for v in spec.spacing_mm)
+    # as given (ints stay ints): the metadata CSV writes them as they are
+    shape, spacing = tuple(spec.shape), tuple(spec.spacing_mm)
     if quirks.in_plane_mm is not None:
         # CT-RATE's in-plane spacing varies per scan over one field of view
         mm = round(float(rng.uniform(*quirks.in_plane_mm)), 3)
