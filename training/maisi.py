@@ -133,7 +133,8 @@ def import_maisi_vae(checkpoint: str | Path, out: str | Path, config: ModelConfi
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     save_file(ema, staging / "ema.safetensors")
-    digest = _sha256(checkpoint)
+    with checkpoint.open("rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
     # `latest_checkpoint` counts a checkpoint once client.json exists.
     client = {"step": 0, "losses": [], "rng": {}, "imported_from": str(checkpoint)}
     (staging / "client.json").write_text(json.dumps(client))
@@ -153,11 +154,3 @@ def import_maisi_vae(checkpoint: str | Path, out: str | Path, config: ModelConfi
         + "\n"
     )
     return final
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -22,6 +24,17 @@ REMOTE_CODE_HELP = (
     "allow encoders whose repositories ship their own code (CXR-BERT): the code files "
     "are copied in, covered by SHA256SUMS, and loading needs this flag again"
 )
+
+
+@contextmanager
+def refused_on(*errors: type[Exception]) -> Iterator[None]:
+    """Bad input (an encoder or checkpoint that cannot be used) as one line
+    on stderr and exit status 2, not a traceback."""
+    try:
+        yield
+    except errors as error:
+        typer.echo(f"refused: {error}", err=True)
+        raise typer.Exit(2) from None
 
 
 def encoder_overrides(values: list[str] | None) -> dict[str, str]:
@@ -59,13 +72,10 @@ def init(
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--preset") from None
     with tempfile.TemporaryDirectory(prefix="encoders-") as scratch:
-        try:
+        with refused_on(EncoderImportError):
             config, dirs = import_encoders(
                 config, scratch, overrides, allow_remote_code=allow_remote_code
             )
-        except EncoderImportError as error:
-            typer.echo(f"refused: {error}", err=True)
-            raise typer.Exit(2) from None
         sha = build_random_bundle(
             out,
             config=config,

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from jobs.cli._app import app
-from jobs.cli.bundle import ENCODER_HELP, REMOTE_CODE_HELP, encoder_overrides
+from jobs.cli.bundle import ENCODER_HELP, REMOTE_CODE_HELP, encoder_overrides, refused_on
 
 train_app = typer.Typer(
     help="Train with DeepSpeed (ZeRO-2, bf16) on a CT-RATE-layout data set.", no_args_is_help=True
@@ -126,7 +126,7 @@ def ldm(
     overrides = encoder_overrides(encoder)
     _setup_logging()
     train_config = TrainConfig(steps=steps, micro_batch=micro_batch, lr=lr, zero_stage=zero_stage)
-    try:
+    with refused_on(EncoderImportError):
         scale, _ = train_ldm_run(
             data,
             vae_run,
@@ -137,9 +137,6 @@ def ldm(
             encoders=overrides,
             allow_remote_code=allow_remote_code,
         )
-    except EncoderImportError as error:
-        typer.echo(f"refused: {error}", err=True)
-        raise typer.Exit(2) from None
     typer.echo(f"trained; checkpoints in {out / 'checkpoints'} (latent scale {scale:.4f})")
 
 
@@ -202,7 +199,7 @@ def export(
     overrides = encoder_overrides(encoder)
     if (controlnet_run is None) != (data is None):
         raise typer.BadParameter("--controlnet-run and --data go together")
-    try:
+    with refused_on(EncoderImportError):
         sha = export_runs(
             out,
             model_preset(preset),
@@ -214,9 +211,6 @@ def export(
             encoders=overrides,
             allow_remote_code=allow_remote_code,
         )
-    except EncoderImportError as error:
-        typer.echo(f"refused: {error}", err=True)
-        raise typer.Exit(2) from None
     typer.echo(f"bundle {out} sha256 {sha}")
 
 
@@ -237,9 +231,6 @@ def import_vae(
     from report2ct.config import preset as model_preset
     from training.maisi import MaisiImportError, import_maisi_vae
 
-    try:
+    with refused_on(MaisiImportError):
         import_maisi_vae(checkpoint, out, model_preset(preset))
-    except MaisiImportError as error:
-        typer.echo(f"refused: {error}", err=True)
-        raise typer.Exit(2) from None
     typer.echo(f"VAE run {out} from {checkpoint} ({preset} shape)")
