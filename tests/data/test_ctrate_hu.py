@@ -211,3 +211,36 @@ def test_the_default_writer_output_is_unchanged(tmp_path):
     assert digest.hexdigest() == (
         "61d189b42f125333e50ba22c8868b3c0347115d72f0c6c9e1d38faa364e442a5"  # before the quirks
     )
+
+
+def _slab(storage, padding_hu, *, blend):
+    """A synthetic chest-like slab: air, a body, a lung, with noise; padding
+    in the corners, optionally smeared into the air by a resampling (a ring
+    of values between the two); stored as HU or raw (HU + 1024)."""
+    rng = np.random.default_rng(0)
+    hu = np.full((64, 64, 4), -1000.0)
+    hu[12:52, 12:52] = 40
+    hu[18:30, 18:46] = -820
+    hu = np.clip(hu + rng.normal(0, 15, hu.shape), -1024, None)
+    corners = outside_scan_circle(hu.shape)[:, :, 0]
+    hu[corners] = padding_hu
+    if blend:
+        x = np.arange(64) - 31.5
+        ring = (np.hypot(x[:, None], x[None, :]) / 32 > 0.93) & ~corners
+        hu[ring] = (padding_hu - 1000) / 2
+    return np.round(hu + (1024 if storage == "raw" else 0)).astype(np.int16)
+
+
+@pytest.mark.parametrize("blend", [False, True])
+@pytest.mark.parametrize("padding_hu", [-8192, -3024, -2048])
+@pytest.mark.parametrize(("storage", "rule"), [("hu", "stored"), ("raw", "metadata")])
+def test_the_air_peak_ignores_padding_even_smeared(storage, rule, padding_hu, blend):
+    from training.data.ctrate import decide_hu
+
+    chosen, *_, reason, air = decide_hu(
+        "v.nii.gz",
+        _slab(storage, padding_hu, blend=blend),
+        header=(1.0, 0.0),
+        metadata=(1.0, -1024.0),
+    )
+    assert chosen == rule and -1050 < air < -950, reason

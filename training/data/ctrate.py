@@ -280,15 +280,23 @@ def _sample(values: np.ndarray, limit: int = 2_000_000) -> np.ndarray:
     return values[::step, ::step, ::step] if values.ndim == 3 and step > 1 else values
 
 
-def air_peak(stored: np.ndarray) -> float | None:
+def air_peak(stored: np.ndarray, readings=()) -> float | None:
     """Where the air peak sits, in stored units: the mode of the lowest tenth
-    of the values, padding left out. Padding is a negative value (-8192,
-    -3024, -2048 in HU; -7168, -2000, -1024 raw) that a gap of more than 100
-    units separates from everything above it, at the bottom of the histogram
-    (up to three such values), as scanners write outside the scan circle:
-    measured values form a continuum, and raw air (about 0-24) is not
-    negative. None when nothing else is left."""
+    of the values, padding left out. Padding fills the corners outside the
+    scan circle (a fifth of a square slice, so it would be the peak): any
+    value that none of `readings` ((slope, intercept) pairs) puts at or above
+    -1124 HU, which also catches padding blended by resampling; and a
+    negative value that a gap of more than 100 units separates from
+    everything above it at the bottom of the histogram (up to three such:
+    -1024 raw is -2048 HU but would read as air as stored), since measured
+    values form a continuum and raw air (about 0-24) is not negative. None
+    when nothing else is left."""
     values = _sample(stored).ravel().astype(np.float64)
+    if readings:
+        physical = np.zeros(values.shape, dtype=bool)
+        for slope, intercept in readings:
+            physical |= values * slope + intercept >= -1124
+        values = values[physical]
     levels = np.unique(values)
     for level, above in itertools.pairwise(levels[:4]):
         if level >= 0 or above - level <= 100:
@@ -317,7 +325,7 @@ def decide_hu(
     if hu_rule not in HU_RULES:
         raise ValueError(f"hu_rule must be one of {HU_RULES}, got {hu_rule!r}")
     readings = {"stored": header, "metadata": metadata}
-    peak = air_peak(stored)
+    peak = air_peak(stored, readings.values())
     described = {
         "stored": "as stored"
         if header == (1.0, 0.0)
