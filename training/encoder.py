@@ -69,6 +69,8 @@ def resolve_encoder_dir(
     local = Path(source).expanduser()
     if local.is_dir():
         return local.resolve(), None
+    if source.startswith(("/", ".", "~")) or source.count("/") > 1:
+        raise EncoderImportError(f"encoder {name}: {source} is not a directory")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 

@@ -267,6 +267,8 @@ def test_bad_encoder_options_name_the_encoder(clinical_bert, tmp_path):
     assert result.exit_code == 2 and "not an encoder of preset 'tiny'" in result.output
     result = _init(tmp_path / "x", "--encoder", "tiny-bert=someone/not-cached")
     assert result.exit_code == 2 and "local Hugging Face cache" in result.output
+    result = _init(tmp_path / "x", "--encoder", f"tiny-bert={tmp_path / 'missing'}")
+    assert result.exit_code == 2 and "missing is not a directory" in result.output
     result = _init(tmp_path / "x", "--encoder", f"all-MiniLM-L6-v2={clinical_bert}")
     assert result.exit_code == 2 and "hidden size 32" in result.output
     assert not (tmp_path / "x").exists()
