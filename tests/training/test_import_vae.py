@@ -164,6 +164,8 @@ def test_train_ldm_and_export_on_an_imported_vae_with_an_imported_encoder(tmp_pa
             "tiny",
         ),
     ]
+    clash = runner.invoke(app, [*export, "--encoder", f"tiny-bert={bert}"])
+    assert clash.exit_code == 2 and "trained with its own copy" in clash.output
     result = runner.invoke(app, export)
     assert result.exit_code == 0, result.output
     verify_bundle(tmp_path / "bundle")
