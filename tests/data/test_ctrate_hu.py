@@ -244,3 +244,14 @@ def test_the_air_peak_ignores_padding_even_smeared(storage, rule, padding_hu, bl
         metadata=(1.0, -1024.0),
     )
     assert chosen == rule and -1050 < air < -950, reason
+
+
+def test_rounding_in_an_affine_is_not_obliquity():
+    from training.data.ctrate import check_axis_aligned
+
+    affine = np.diag([-0.75, -0.75, 1.5, 1.0])
+    affine[0, 1] = 1e-5  # float rounding of an axial scan's direction cosines
+    check_axis_aligned(affine, "v.nii.gz")
+    affine[0, 1] = 0.75 * np.tan(np.radians(2))
+    with pytest.raises(CTRateError, match=r"v\.nii\.gz: volume affine is oblique \(2\.00"):
+        check_axis_aligned(affine, "v.nii.gz")

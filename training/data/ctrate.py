@@ -71,12 +71,14 @@ NON_CHEST = ("flag", "skip")
 AIR_PEAK_HU = (-1200.0, -750.0)
 PADDING_HU = (-8192.0, -3024.0, -2048.0)
 LUNG_HU = (-950.0, -500.0)
-# Lungs are 9-20 % of the body in the phantoms' chest fields of view, well
-# under 1 % once filled with tissue; "no lungs at all" sits far below both.
+# Lungs are about 10-20 % of the body in the phantoms' chest fields of view,
+# 0 % once filled with soft tissue; "no lungs at all" is far below the first.
 CHEST_MIN_LUNG_FRACTION = 0.02
-# Largest off-axis direction cosine still read as axis-aligned (~0.06 deg,
-# float32 rounding of real affines is ~1e-7): more would need resampling.
-OBLIQUE_TOLERANCE = 1e-3
+# Largest sine of a voxel axis's angle to its nearest world axis still read
+# as axis-aligned (about 0.6 degrees: float32 rounding is ~1e-7, a gantry
+# tilt 5-30 degrees). Reading 0.6 degrees as aligned moves the edge of a
+# 500 mm field by under 5 mm; more would need resampling.
+OBLIQUE_TOLERANCE = 1e-2
 
 
 class CTRateError(ValueError):
@@ -176,7 +178,7 @@ def check_axis_aligned(affine, name: str, what: str = "volume") -> None:
     if not np.all(np.isfinite(rotation)) or np.any(norms == 0):
         raise CTRateError(f"{name}: {what} affine is degenerate: {rotation.tolist()}")
     cosines = np.abs(rotation / norms)
-    off_axis = 1.0 - cosines.max(axis=0)
+    off_axis = np.sqrt(np.clip(1.0 - cosines.max(axis=0) ** 2, 0.0, 1.0))  # sine
     chosen = cosines.argmax(axis=0)
     if off_axis.max() > OBLIQUE_TOLERANCE or len(set(chosen.tolist())) != 3:
         degrees = float(np.degrees(np.arccos(np.clip(cosines.max(axis=0).min(), -1, 1))))
