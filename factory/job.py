@@ -39,9 +39,14 @@ DEFAULT_BUNDLE = BUNDLES / "demo"  # report text -> CT
 # The same recipe with the label token and a ControlNet (masks, labels alone).
 CONTROL_BUNDLE = BUNDLES / "demo-control"
 RECORDS_PER_PART = 1000
-# Calls of one generation actor in flight at once: one samples on the
-# accelerator while the other writes (factory.worker); more would only queue.
-PIPELINE_DEPTH = 2
+# Calls of one generation actor in flight at once. At 2, one batch samples
+# on the accelerator while the last one is written (factory.worker holds a
+# lock around sampling only; bench/bench_overlap.py measures the overlap). It
+# stays 1 until one failure is understood: with 2 calls per actor and a
+# volume that kills its actor again and again, a run once ended with a volume
+# neither committed nor reported, and a co-resident volume used up its tries
+# with the culprit's deaths.
+PIPELINE_DEPTH = 1
 # Ray Data's read and repartition tasks each ask for one CPU; on a CPU-only
 # cluster the actors leave that much free (their torch threads still use the
 # cores: a CPU request is a scheduling label, not a limit).
@@ -214,11 +219,18 @@ def _ensure_ray(options: GenerateOptions):
     return ray
 
 
+def _gpus_per_worker(ray, options: GenerateOptions) -> float:
+    """One GPU per actor when the cluster has GPUs: an actor that asked for
+    none would still see every GPU (Ray no longer hides them) and land on
+    cuda:0 unaccounted."""
+    if options.gpus_per_worker is not None:
+        return options.gpus_per_worker
+    return 1.0 if ray.cluster_resources().get("GPU", 0.0) >= 1 else 0.0
+
+
 def _cpus_per_worker(ray, options: GenerateOptions) -> float:
-    """On CPU-only clusters, actors that take every CPU starve Ray Data's read
-    tasks and the job hangs silently: leave room for them."""
-    if options.gpus_per_worker:
-        return options.cpus_per_worker
+    """Actors that take every CPU starve Ray Data's read tasks and the job
+    hangs silently (a small or CPU-only cluster): leave room for them."""
     available = ray.cluster_resources().get("CPU", 0.0)
     if options.workers * options.cpus_per_worker > available - RESERVED_CPUS:
         fitted = max(0.05, round((available - RESERVED_CPUS) / options.workers, 3))
@@ -312,7 +324,7 @@ def _generate(
                 max_concurrent_calls_per_actor=PIPELINE_DEPTH,
                 enable_true_multi_threading=True,
             ),
-            num_gpus=options.gpus_per_worker or None,
+            num_gpus=_gpus_per_worker(ray, options) or None,
             num_cpus=_cpus_per_worker(ray, options),
             # Ray Data restarts dead actors and retries their batches
             # without bound; the workers bound the tries per volume

@@ -42,8 +42,11 @@ class GenerateOptions(BaseModel):
         description="run name under output (default: the manifest's file name)",
     )
     workers: int = Field(1, ge=1, le=4096, description="generation actors (one per GPU)")
-    gpus_per_worker: float = Field(
-        0.0, ge=0, le=8, description="GPUs per actor (1 on GPU clusters)"
+    gpus_per_worker: float | None = Field(
+        None,
+        ge=0,
+        le=8,
+        description="GPUs per actor (default: 1 when the cluster has GPUs, 0 on a CPU-only one)",
     )
     cpus_per_worker: float = Field(1.0, gt=0, le=256, description="CPUs per actor")
     precision: Precision = Field("bf16", description="autocast precision: bf16, fp16 or fp32")

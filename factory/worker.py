@@ -8,8 +8,8 @@ once and turns batches of validated records into committed volumes.
     write   every output of a volume under its attempt's own folder
     commit  the commit marker, written last and once (factory.commit)
 
-Two calls run at once in one actor, so one batch is written while the next
-samples: a bounded pipeline (depth `factory.job.PIPELINE_DEPTH`).
+With `factory.job.PIPELINE_DEPTH` calls at once in one actor, one batch is
+written while the next samples: a bounded pipeline (off by default; see there).
 
 It keeps no per-record state: everything a record needs travels with it, and
 every decision (skip a committed key, write a fresh attempt, commit or lose)
@@ -72,21 +72,45 @@ class Prepared:
     mask_provenance: dict[str, Any] | None = None
 
 
-def _worker_identity() -> dict[str, Any]:
-    import torch
-
+def _assigned_gpus() -> list[str]:
+    """The GPU ids Ray gave this actor ([] outside Ray or with none)."""
     try:
         import ray
 
-        gpu_ids = [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []
+        return [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []
     except Exception:
-        gpu_ids = []
-    device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+        return []
+
+
+def _device() -> str:
+    """The GPU Ray assigned this actor (Ray sets CUDA_VISIBLE_DEVICES to it,
+    so it is `cuda` here), else the CPU: never a GPU the actor did not ask
+    for (Ray no longer hides those from actors that asked for none). Outside
+    Ray (a notebook, a bench), any visible GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    if _in_ray_actor():
+        return "cuda" if _assigned_gpus() else "cpu"
+    return "cuda"
+
+
+def _in_ray_actor() -> bool:
+    try:
+        import ray
+
+        return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+    except Exception:
+        return False
+
+
+def _worker_identity(device: str) -> dict[str, Any]:
     return {
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "device": device,
-        "gpu_ids": gpu_ids,
+        "gpu_ids": _assigned_gpus(),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
     }
 
@@ -95,12 +119,11 @@ class GenerateWorker:
     """Callable class for `Dataset.map_batches(..., compute=ActorPoolStrategy)`."""
 
     def __init__(self, options: WorkerOptions) -> None:
-        import torch
 
         from report2ct.bundle import load_bundle
 
         self.options = options
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = _device()
         start = time.perf_counter()
         self.model = load_bundle(
             local_copy(options.bundle), device=device, allow_remote_code=options.allow_remote_code
@@ -108,14 +131,14 @@ class GenerateWorker:
         self.load_s = time.perf_counter() - start
         self.run = open_storage(options.run_root)
         self.outputs = outputs_for(nifti=options.nifti, preview=options.preview)
-        self.identity = _worker_identity()
+        self.identity = _worker_identity(device)
         self.model_provenance = self.model.provenance()
         control = self.model.config.control
         self.mask_classes = control.display_classes() if control is not None else {}
-        # Ray Data runs up to PIPELINE_DEPTH calls of this actor at once
+        # Ray Data may run PIPELINE_DEPTH calls of this actor at once
         # (factory.job): each samples under this lock, then writes, encodes,
-        # uploads and commits outside it, so the next batch samples while the
-        # last one is written and the accelerator does not wait for storage.
+        # uploads and commits outside it, so the next batch can sample while
+        # the last one is written.
         self.accelerator = threading.Lock()
 
     # -- Ray Data entry point --------------------------------------------
