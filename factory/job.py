@@ -306,6 +306,7 @@ def _generate(
         max_tries=options.max_task_retries + 1,
         job_id=commit.new_attempt(),
         allow_remote_code=options.allow_remote_code,
+        speed=options.speed(),
         nifti=options.nifti,
         preview=options.preview,
         extra_provenance={"job": {"manifest": options.manifest, "run": run_uri}},

@@ -67,6 +67,13 @@ class GenerateOptions(BaseModel):
         description="let the bundle's text encoders run the code they ship (CXR-BERT does); "
         "the code is inside the bundle, checked by its SHA256SUMS",
     )
+    torch_compile: bool = Field(
+        False, description="compile the UNet and the decoder with torch.compile (GPU workers)"
+    )
+    channels_last: bool = Field(False, description="channels-last 3-D memory format (GPU workers)")
+    cudnn_benchmark: bool = Field(
+        False, description="let cuDNN pick the fastest convolutions for the shape (GPU workers)"
+    )
     max_task_retries: int = Field(
         3, ge=0, le=100, description="retries of a batch whose actor died before it finished"
     )
@@ -77,6 +84,14 @@ class GenerateOptions(BaseModel):
             return self.run
         stem = self.manifest.rstrip("/").rsplit("/", 1)[-1].split(".", 1)[0]
         return re.sub(r"[^A-Za-z0-9._-]", "-", stem) or "run"
+
+    def speed(self) -> dict[str, bool]:
+        """The load options of report2ct.bundle.load_bundle."""
+        return {
+            "torch_compile": self.torch_compile,
+            "channels_last": self.channels_last,
+            "cudnn_benchmark": self.cudnn_benchmark,
+        }
 
     def sampling(self):
         """The sampling subset the workers receive."""

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from factory.storage import Storage, join
-from factory.writer import MASK_LABEL, write_nifti, write_ome_zarr
+from factory.writer import MASK_LABEL, put_ome_zarr, write_nifti
 
 
 @dataclass(frozen=True, eq=False)
@@ -56,17 +56,18 @@ def _put(run: Storage, key: str, data: bytes) -> dict[str, str]:
 
 class OmeZarrOutput:
     def write(self, run: Storage, prefix: str, item: VolumeOutput) -> Written:
+        # Encoded in memory and put straight to storage: one shard per array,
+        # no local copy (factory.writer).
         key = join(prefix, f"{item.key}.ome.zarr")
-        with tempfile.TemporaryDirectory() as scratch:
-            local = write_ome_zarr(
-                Path(scratch) / "volume.ome.zarr",
-                item.volume_xyz,
-                item.spacing_mm,
-                attributes=item.attributes,
-                mask_xyz=item.mask_xyz,
-                mask_classes=item.mask_classes,
-            )
-            files = {join(key, name): digest for name, digest in run.upload_dir(local, key).items()}
+        files = put_ome_zarr(
+            run,
+            key,
+            item.volume_xyz,
+            item.spacing_mm,
+            attributes=item.attributes,
+            mask_xyz=item.mask_xyz,
+            mask_classes=item.mask_classes,
+        )
         index = {"uri": run.uri(key)}
         if item.mask_xyz is not None:
             index["mask"] = run.uri(join(key, "labels", MASK_LABEL))

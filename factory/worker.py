@@ -59,6 +59,7 @@ class WorkerOptions:
     max_tries: int = 4
     job_id: str = "local"
     allow_remote_code: bool = False  # the bundle's encoders may run the code they ship
+    speed: dict[str, bool] = field(default_factory=dict)  # load_bundle's speed options
     extra_provenance: dict[str, Any] = field(default_factory=dict)
 
 
@@ -126,7 +127,10 @@ class GenerateWorker:
         device = _device()
         start = time.perf_counter()
         self.model = load_bundle(
-            local_copy(options.bundle), device=device, allow_remote_code=options.allow_remote_code
+            local_copy(options.bundle),
+            device=device,
+            allow_remote_code=options.allow_remote_code,
+            **options.speed,
         )
         self.load_s = time.perf_counter() - start
         self.run = open_storage(options.run_root)
@@ -261,6 +265,7 @@ class GenerateWorker:
                 request = dataclasses.replace(
                     request,
                     mask=mask.values,
+                    mask_index=mask.index,
                     labels=labels if config.label_condition else None,
                 )
                 mask_provenance = mask.provenance

@@ -134,6 +134,9 @@ class VolumeRequest:
     spacing_mm: Spacing | None = None
     mask: np.ndarray | None = None
     mask_mapping: Mapping[int, str] | None = None
+    # The mask as class indices 0..K, when the caller has mapped it already
+    # (the factory does, once per record): generate() then skips the mapping.
+    mask_index: np.ndarray | None = None
 
     def spacing(self, config: ModelConfig) -> Spacing:
         return tuple(float(v) for v in (self.spacing_mm or config.default_spacing_mm))
@@ -262,7 +265,7 @@ def _condition(model: Report2CT, requests, shape, spacings) -> Condition:
     for i, (request, row) in enumerate(zip(requests, label_rows, strict=True)):
         if request.findings is None and request.impression is None and not any(row):
             raise ValueError(f"volume {i}: neither a report nor labels to generate from")
-    control = _control(config, requests, shape)
+    control = _control(config, requests, shape, device)
     if model.conditioner is None:
         raise RuntimeError("this Report2CT was built without text encoders")
     context = model.conditioner.encode(
@@ -293,7 +296,7 @@ def _elapsed(start: float, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def _control(config: ModelConfig, requests, shape) -> torch.Tensor | None:
+def _control(config: ModelConfig, requests, shape, device) -> torch.Tensor | None:
     """(B, K, x, y, z) mask-class occupancy, or None without masks. A batch
     is all with masks or all without (the ControlNet runs per batch)."""
     with_mask = [request.mask is not None for request in requests]
@@ -309,6 +312,11 @@ def _control(config: ModelConfig, requests, shape) -> torch.Tensor | None:
             raise MaskError(
                 f"volume {i}: mask shape {tuple(request.mask.shape)} is not the output {shape}"
             )
-        index = to_class_index(np.asarray(request.mask), config.control, request.mask_mapping)
-        out.append(class_occupancy(index, config.control.num_classes, config.vae.downsample))
+        index = request.mask_index
+        if index is None:
+            index = to_class_index(np.asarray(request.mask), config.control, request.mask_mapping)
+        occupancy = class_occupancy(
+            index, config.control.num_classes, config.vae.downsample, device=device
+        )
+        out.append(occupancy)
     return torch.stack(out)

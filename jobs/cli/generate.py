@@ -26,6 +26,12 @@ def _flag(name: str, *flags: str, **kwargs: Any) -> Any:
     return typer.Option(unset, *names, help=description, show_default=False, **kwargs)
 
 
+def _switch(name: str) -> Any:
+    """A typer flag for one boolean GenerateOptions field (off by default)."""
+    flag = "--" + name.replace("_", "-")
+    return typer.Option(False, flag, help=GenerateOptions.model_fields[name].description)
+
+
 @app.command()
 def generate(
     manifest: str = _flag("manifest", "-m"),
@@ -40,19 +46,14 @@ def generate(
     guidance_scale: float | None = _flag("guidance_scale", "--guidance"),
     method: str | None = _flag("method"),
     batch_size: int | None = _flag("batch_size"),
-    nifti: bool = typer.Option(
-        False, "--nifti", help=GenerateOptions.model_fields["nifti"].description
-    ),
-    preview: bool = typer.Option(
-        False, "--preview", help=GenerateOptions.model_fields["preview"].description
-    ),
+    nifti: bool = _switch("nifti"),
+    preview: bool = _switch("preview"),
     max_task_retries: int | None = _flag("max_task_retries"),
     labels: str | None = _flag("labels"),
-    allow_remote_code: bool = typer.Option(
-        False,
-        "--allow-remote-code",
-        help=GenerateOptions.model_fields["allow_remote_code"].description,
-    ),
+    allow_remote_code: bool = _switch("allow_remote_code"),
+    torch_compile: bool = _switch("torch_compile"),
+    channels_last: bool = _switch("channels_last"),
+    cudnn_benchmark: bool = _switch("cudnn_benchmark"),
     dry_run: bool = typer.Option(
         False,
         "--dry-run",
