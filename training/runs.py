@@ -113,8 +113,9 @@ def train_vae_run(
     train_config: TrainConfig,
     *,
     crop: tuple[int, int, int] = (32, 32, 32),
+    hu_rule: str = "auto",
 ) -> TrainResult:
-    volumes, _ = load_volumes(data, config)
+    volumes, _ = load_volumes(data, config, hu_rule=hu_rule)
     _, result = train_vae(config, volumes, train_config, Path(out), crop=crop)
     return result
 
@@ -129,6 +130,7 @@ def train_ldm_run(
     encoders_dir: Path | None = None,
     encoders: Mapping[str, str] | None = None,
     allow_remote_code: bool = False,
+    hu_rule: str = "auto",
 ) -> tuple[float, TrainResult]:
     """(the latent scale factor, the result); the caches go to
     OUT/cache.safetensors, the text encoders to OUT/encoders/
@@ -140,7 +142,7 @@ def train_ldm_run(
     )
     codec = LatentCodec(config.vae)
     load_ema(codec.vae, vae_run)
-    volumes, conditions = load_volumes(data, config)
+    volumes, conditions = load_volumes(data, config, hu_rule=hu_rule)
     cached, scale = latent_text_cache(
         out / CACHE,
         codec,
@@ -163,10 +165,13 @@ def train_controlnet_run(
     out: str | Path,
     config: ModelConfig,
     train_config: TrainConfig,
+    *,
+    hu_rule: str = "auto",
 ) -> TrainResult:
-    """The mask condition on the data set's label maps, the LDM run frozen."""
+    """The mask condition on the data set's label maps, the LDM run frozen
+    (the same `hu_rule` as its LDM run, so the same volumes line up)."""
     run = load_ldm_run(config, ldm_run, data)
-    _, conditions = load_volumes(data, run.config, masks=True)
+    _, conditions = load_volumes(data, run.config, masks=True, hu_rule=hu_rule)
     data_set = LatentSet.from_cache(run.cache, conditions, run.config)
     _, result = train_controlnet(run.config, run.denoiser, data_set, train_config, Path(out))
     return result

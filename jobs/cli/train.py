@@ -9,6 +9,23 @@ import typer
 from jobs.cli._app import app
 from jobs.cli.bundle import ENCODER_HELP, REMOTE_CODE_HELP, encoder_overrides, refused_on
 
+HU_RULES = ("auto", "metadata", "stored")  # training.data.ctrate.HU_RULES (a test keeps them equal)
+
+
+def _hu_rule(value: str) -> str:
+    if value not in HU_RULES:
+        raise typer.BadParameter(f"must be one of {', '.join(HU_RULES)}")
+    return value
+
+
+HU_RULE = typer.Option(
+    "auto",
+    "--hu-rule",
+    callback=_hu_rule,
+    help="how stored values become HU: auto decides per volume from where air sits; "
+    "metadata applies RescaleSlope/Intercept to the raw values; stored trusts the file",
+)
+
 train_app = typer.Typer(
     help="Train with DeepSpeed (ZeRO-2, bf16) on a CT-RATE-layout data set.", no_args_is_help=True
 )
@@ -80,6 +97,7 @@ def vae(
     lr: float = typer.Option(2e-4, "--lr"),
     zero_stage: int = typer.Option(2, "--zero-stage", min=0, max=3),
     crop: tuple[int, int, int] = typer.Option((32, 32, 32), "--crop"),
+    hu_rule: str = HU_RULE,
 ) -> None:
     """Train the VAE on random crops (resumes from the last checkpoint in --out)."""
     from report2ct.config import preset as model_preset
@@ -88,7 +106,7 @@ def vae(
 
     _setup_logging()
     train_config = TrainConfig(steps=steps, micro_batch=micro_batch, lr=lr, zero_stage=zero_stage)
-    train_vae_run(data, out, model_preset(preset), train_config, crop=crop)
+    train_vae_run(data, out, model_preset(preset), train_config, crop=crop, hu_rule=hu_rule)
     typer.echo(f"trained; checkpoints in {out / 'checkpoints'}")
 
 
@@ -113,6 +131,7 @@ def ldm(
     zero_stage: int = typer.Option(2, "--zero-stage", min=0, max=3),
     encoder: list[str] | None = typer.Option(None, "--encoder", help=ENCODER_HELP),
     allow_remote_code: bool = typer.Option(False, "--allow-remote-code", help=REMOTE_CODE_HELP),
+    hu_rule: str = HU_RULE,
 ) -> None:
     """Train the latent diffusion model on cached VAE latents and report
     contexts (computed once into OUT/cache.safetensors), with the label
@@ -136,6 +155,7 @@ def ldm(
             encoders_dir=encoders_dir,
             encoders=overrides,
             allow_remote_code=allow_remote_code,
+            hu_rule=hu_rule,
         )
     typer.echo(f"trained; checkpoints in {out / 'checkpoints'} (latent scale {scale:.4f})")
 
@@ -154,6 +174,7 @@ def controlnet(
     micro_batch: int = typer.Option(8, "--micro-batch", min=1),
     lr: float = typer.Option(3e-4, "--lr"),
     zero_stage: int = typer.Option(2, "--zero-stage", min=0, max=3),
+    hu_rule: str = HU_RULE,
 ) -> None:
     """Train the mask condition: a ControlNet on the data set's label maps
     (legend from masks/legend.json), the LDM run's UNet frozen; resumes from OUT."""
@@ -163,7 +184,7 @@ def controlnet(
 
     _setup_logging()
     train_config = TrainConfig(steps=steps, micro_batch=micro_batch, lr=lr, zero_stage=zero_stage)
-    train_controlnet_run(data, ldm_run, out, model_preset(preset), train_config)
+    train_controlnet_run(data, ldm_run, out, model_preset(preset), train_config, hu_rule=hu_rule)
     typer.echo(f"trained; checkpoints in {out / 'checkpoints'}")
 
 

@@ -255,3 +255,10 @@ def test_rounding_in_an_affine_is_not_obliquity():
     affine[0, 1] = 0.75 * np.tan(np.radians(2))
     with pytest.raises(CTRateError, match=r"v\.nii\.gz: volume affine is oblique \(2\.00"):
         check_axis_aligned(affine, "v.nii.gz")
+
+
+def test_the_command_line_offers_exactly_the_readers_hu_rules():
+    from jobs.cli.train import HU_RULES as CLI_RULES
+    from training.data.ctrate import HU_RULES
+
+    assert CLI_RULES == HU_RULES

@@ -31,16 +31,25 @@ class VolumeConditions:
 
 
 def load_volumes(
-    root: str | Path, config: ModelConfig, *, masks: bool = False
+    root: str | Path,
+    config: ModelConfig,
+    *,
+    masks: bool = False,
+    hu_rule: str = "auto",
+    non_chest: str = "skip",
 ) -> tuple[torch.Tensor, list[VolumeConditions]]:
     """The training split on the model's grid: int16 HU volumes and their
-    conditions (with each label map when `masks`)."""
+    conditions (with each label map when `masks`). `hu_rule` says how stored
+    values become HU (training.data.ctrate: decided per volume by default);
+    volumes with no lungs in view are skipped with a logged reason."""
     dataset = CTRateDataset(
         Path(root),
         "train",
         target_spacing_mm=config.default_spacing_mm,
         target_shape=config.default_shape,
         load_masks=masks,
+        hu_rule=hu_rule,
+        non_chest=non_chest,
     )
     volumes = torch.empty(len(dataset), 1, *config.default_shape, dtype=torch.int16)
     conditions = []
