@@ -79,7 +79,7 @@ def test_a_checkpoint_without_its_pooler_loads_one_without_encoder_weights_is_re
         save_file(kept, where / "model.safetensors", metadata={"format": "pt"})
         spec = EncoderSpec("bert", str(where), dim=32)
         if refused:
-            with pytest.raises(EncoderLoadError, match="lacks .* weights the context needs"):
+            with pytest.raises(EncoderLoadError, match=r"lacks .* weights the context needs"):
                 TextConditioner([spec])
         else:
             assert TextConditioner([spec]).encode_texts(["Effusion."]).shape == (1, 32)
