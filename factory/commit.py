@@ -2,9 +2,9 @@
 
 Layout of a run (`<out>/<run>/`):
 
-    volumes/<key>/<attempt>.ome.zarr/   written by one attempt, never shared
+    volumes/<key>/<attempt>/            everything one attempt wrote, never shared
     commits/<key>.json                  the commit marker: written last, once
-    index.jsonl  errors.jsonl  summary.json  previews/<key>.png
+    index/  errors/  summary.json       (factory.index)
 
 An attempt writes its volume under its own fresh prefix, then tries to create
 the commit marker with a conditional put (S3 `If-None-Match: *`, O_EXCL

@@ -109,5 +109,5 @@ class Outcome:
         return cls(**fields, entry=entry, reason=row.get("reason"))
 
     def error_row(self) -> dict[str, Any]:
-        """The errors.jsonl row of a failed volume."""
+        """The errors row of a failed volume."""
         return {k: getattr(self, k) for k in ("status", "line", "id", "sample", "key", "reason")}
