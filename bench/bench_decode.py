@@ -66,7 +66,7 @@ def child(args) -> None:
     """Decode one way in this process; print the peak above the baseline."""
     torch.set_num_threads(args.threads)
     codec = load_codec(args.bundle)
-    latent = torch.load(args.latent)
+    latent = torch.load(args.latent, weights_only=True)
     base = reset_peak_rss()
     start = time.process_time()
     if args.child == "whole":
