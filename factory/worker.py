@@ -120,7 +120,6 @@ class GenerateWorker:
     """Callable class for `Dataset.map_batches(..., compute=ActorPoolStrategy)`."""
 
     def __init__(self, options: WorkerOptions) -> None:
-
         from report2ct.bundle import load_bundle
 
         self.options = options
@@ -158,8 +157,9 @@ class GenerateWorker:
         return {"result": [json.dumps(outcome.to_json()) for outcome in outcomes]}
 
     def _plan(self, tasks: list[VolumeTask]) -> tuple[list[Outcome], list[VolumeTask]]:
-        """Skipped outcomes for tasks committed by an earlier run or attempt,
-        and the tasks still to generate."""
+        """Outcomes for the tasks already settled (skipped: committed by an
+        earlier run or attempt; failed: out of tries in this job), and the
+        tasks still to generate."""
         done, todo = [], []
         for task in tasks:
             marker = commit.read_commit(self.run, task.key)
