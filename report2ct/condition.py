@@ -1,10 +1,12 @@
 """What a denoiser is conditioned on, and the one rule for "no condition".
 
-The empty condition is zeros, everywhere: a missing report section is a zero
-token, labels not given are 0 (the label token of the zero vector is zero,
+The empty condition is zeros, everywhere: a missing report section (None, or
+text that is empty or only whitespace, as a CSV's blank cell reads: the same
+in training and in generation, `section`) is a zero token, labels not given are 0 (the label token of the zero vector is zero,
 its map has no bias), the unconditional half of classifier-free guidance is
 zeros, and condition dropout in training replaces a sample's condition with
-zeros. `empty`, `empty_like` and `drop` are that rule; nothing else writes it.
+zeros. `empty`, `empty_like`, `drop` and `section` are that rule; nothing
+else writes it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,15 @@ def empty(*shape: int, device: torch.device | str | None = None) -> torch.Tensor
 def empty_like(like: torch.Tensor) -> torch.Tensor:
     """The empty condition with the shape, dtype and device of `like`."""
     return torch.zeros_like(like)
+
+
+def section(text: str | None) -> str | None:
+    """A report section as the conditioner encodes it: None (the empty
+    condition's token) when it is missing - None, "" or only whitespace -
+    else the text as given."""
+    if text is None or not text.strip():
+        return None
+    return text
 
 
 def drop(condition: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

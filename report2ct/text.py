@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from report2ct.condition import empty
+from report2ct.condition import empty, section
 from report2ct.config import EncoderSpec
 
 
@@ -117,14 +117,16 @@ class TextConditioner:
     def encode(
         self, findings: Sequence[str | None], impressions: Sequence[str | None]
     ) -> torch.Tensor:
-        """(B, 2, D) float32 context for B reports. A missing section (None)
-        is the empty condition's token, zeros: a label-only record has no
-        text at all."""
+        """(B, 2, D) float32 context for B reports. A missing section (None,
+        "" or only whitespace: `report2ct.condition.section`) is the empty
+        condition's token, zeros, in training as in generation: a label-only
+        record has no text at all."""
         if len(findings) != len(impressions):
             raise ValueError("findings and impressions must have the same length")
         return torch.stack([self._encode_section(findings), self._encode_section(impressions)], 1)
 
     def _encode_section(self, texts: Sequence[str | None]) -> torch.Tensor:
+        texts = [section(text) for text in texts]
         out = empty(len(texts), self.dim, device=self.device)
         given = [i for i, text in enumerate(texts) if text is not None]
         if given:
