@@ -1,0 +1,345 @@
+"""Sharded sample caches (local directory or s3:// prefix), read sample by
+sample.
+
+Contract (for the diffusion stages and the Ray Train integration):
+
+    with ShardWriter("s3://bucket/cache", shard_size=64) as writer:
+        writer.add({"latent": ..., "context": ..., "spacing_mm": ...}, name="train_1_a_1.nii.gz")
+        writer.skip("train_2_a_1.nii.gz", "not a chest CT")
+        writer.note(latent_scale=...)
+    shards = LatentShards("s3://bucket/cache")        # a map-style Dataset
+    shards[i]  # {"latent" (scaled), "context", "spacing_mm", ["labels"], ["control"]}
+
+Layout: `<dest>/shard-00000.safetensors`, `shard-00001...`: each sample's
+tensors stacked along a first axis, one tensor per column, with the sample
+names in the file's metadata; then `<dest>/index.json`, written last (a cache
+without it is incomplete and refused): the format, the sample count, every
+shard's file, count, names and tensor table (dtype, shape, byte offsets:
+the safetensors header), the skipped samples with their reasons, and what
+`note` was given (e.g. `latent_scale`, the latent statistics). Every shard
+is a plain safetensors file: `safetensors.torch.load_file` reads it whole.
+
+Reading: `shards[i]` fetches sample i's rows only - one ranged read per
+column, concurrent on S3 (`fs.cat_ranges`), or mmap-backed reads of a local
+file - so a worker holds one sample, never a shard, and any sampler order is
+cheap. The data set pickles into DataLoader workers without its file system
+(each process opens its own).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save
+from torch.utils.data import Dataset
+
+from training.data.stream import open_fs
+
+FORMAT = "ct-factory-shards/1"
+INDEX = "index.json"
+# safetensors dtype names -> torch dtypes (the ones the caches store)
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class ShardError(ValueError):
+    """A cache that cannot be read; the message names the file and the field."""
+
+
+def shard_name(number: int) -> str:
+    return f"shard-{number:05d}.safetensors"
+
+
+def _header(data: bytes) -> tuple[int, dict[str, Any]]:
+    """(offset of the data section, the tensor table) of a safetensors file."""
+    (length,) = struct.unpack("<Q", data[:8])
+    table = json.loads(data[8 : 8 + length])
+    table.pop("__metadata__", None)
+    return 8 + length, table
+
+
+class ShardWriter:
+    """Samples in, shards out (module docstring). Every sample must have the
+    same columns with the same shapes and dtypes. `stats_column` gets a
+    running count, sum and sum of squares (float64) in the index, so a latent
+    scale over the whole cache needs no second pass."""
+
+    def __init__(
+        self,
+        dest: str,
+        *,
+        shard_size: int = 64,
+        storage_options: dict[str, Any] | None = None,
+        stats_column: str | None = "latent",
+    ) -> None:
+        if shard_size < 1:
+            raise ValueError("shard_size must be at least 1")
+        self.fs, self.base = open_fs(dest, storage_options)
+        self.dest, self.shard_size, self.stats_column = dest, shard_size, stats_column
+        if self.fs.exists(f"{self.base}/{INDEX}"):
+            raise ShardError(f"{dest}/{INDEX}: a finished cache is there already; use another")
+        self.fs.makedirs(self.base, exist_ok=True)
+        self._rows: dict[str, list[torch.Tensor]] = {}
+        self._names: list[str] = []
+        self._columns: dict[str, tuple[str, tuple[int, ...]]] | None = None
+        self.shards: list[dict[str, Any]] = []
+        self.skipped: list[dict[str, str]] = []
+        self.notes: dict[str, Any] = {}
+        self.stats = {"count": 0, "sum": 0.0, "sum_sq": 0.0}
+        self.count = 0
+        self.index: dict[str, Any] | None = None  # once closed
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is None and self.index is None:
+            self.close()
+
+    def add(self, sample: Mapping[str, torch.Tensor], *, name: str) -> None:
+        columns = {
+            key: (str(value.dtype), tuple(value.shape)) for key, value in sorted(sample.items())
+        }
+        if self._columns is None:
+            self._columns = columns
+        elif columns != self._columns:
+            raise ShardError(
+                f"{name}: columns {columns} differ from the cache's {self._columns}: every "
+                "sample of a cache has the same columns, shapes and dtypes"
+            )
+        for key, value in sample.items():
+            self._rows.setdefault(key, []).append(value.detach().cpu().contiguous())
+        if self.stats_column is not None and self.stats_column in sample:
+            values = sample[self.stats_column].detach().double()
+            self.stats["count"] += values.numel()
+            self.stats["sum"] += float(values.sum())
+            self.stats["sum_sq"] += float((values * values).sum())
+        self._names.append(name)
+        self.count += 1
+        if len(self._names) == self.shard_size:
+            self._flush()
+
+    def skip(self, name: str, reason: str) -> None:
+        self.skipped.append({"name": name, "reason": reason})
+
+    def note(self, **facts: Any) -> None:
+        """JSON-able facts kept in the index (the encoder, the data, ...)."""
+        self.notes.update(facts)
+
+    def _flush(self) -> None:
+        if not self._names:
+            return
+        file = shard_name(len(self.shards))
+        tensors = {key: torch.stack(rows) for key, rows in self._rows.items()}
+        data = save(tensors, metadata={"names": json.dumps(self._names)})
+        start, table = _header(data)
+        self._put(file, data)
+        self.shards.append(
+            {"file": file, "count": len(self._names), "names": self._names, "data_start": start}
+            | {"tensors": table}
+        )
+        self._rows, self._names = {}, []
+
+    def _put(self, file: str, data: bytes) -> None:
+        path = f"{self.base}/{file}"
+        if "file" in _protocols(self.fs):
+            # A kill mid-write leaves a .partial file, never a short shard.
+            self.fs.pipe_file(path + ".partial", data)
+            self.fs.mv(path + ".partial", path)
+        else:
+            self.fs.pipe_file(path, data)  # an S3 put is all or nothing
+
+    def close(self) -> dict[str, Any]:
+        """Write the last shard, then the index (last: it marks the cache
+        finished). Returns the index."""
+        if self.index is not None:
+            raise ShardError(f"{self.dest}: the cache is closed already")
+        self._flush()
+        if self.count == 0:
+            raise ShardError(f"{self.dest}: no samples were added (skipped: {self.skipped[:3]})")
+        index = {
+            "format": FORMAT,
+            "count": self.count,
+            "columns": {k: {"dtype": d, "shape": list(s)} for k, (d, s) in self._columns.items()},
+            "shards": self.shards,
+            "skipped": self.skipped,
+            "stats": {self.stats_column: self.stats} if self.stats_column else {},
+            **self.notes,
+        }
+        self.fs.pipe_file(f"{self.base}/{INDEX}", json.dumps(index, indent=1).encode())
+        self.index = index
+        return index
+
+
+def _protocols(fs) -> tuple[str, ...]:
+    protocol = fs.protocol
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
+def read_index(source: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A finished cache's index (refused when it is missing or not one)."""
+    fs, base = open_fs(source, storage_options)
+    path = f"{base}/{INDEX}"
+    try:
+        index = json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        raise ShardError(
+            f"{source}: no {INDEX}: not a shard cache, or one whose writing did not finish"
+        ) from None
+    if index.get("format") != FORMAT:
+        raise ShardError(f"{source}/{INDEX}: format {index.get('format')!r}, expected {FORMAT}")
+    return index
+
+
+def std_from_stats(stats: Mapping[str, float]) -> float:
+    """The (unbiased) standard deviation from a count, sum and sum of squares."""
+    n = stats["count"]
+    if n < 2:
+        raise ShardError("too few values for a standard deviation")
+    mean = stats["sum"] / n
+    return math.sqrt(max(stats["sum_sq"] - n * mean * mean, 0.0) / (n - 1))
+
+
+class ShardSet(Dataset):
+    """The samples of a shard cache, one ranged read per column (module
+    docstring). `columns` selects some (default: all)."""
+
+    def __init__(
+        self,
+        source: str,
+        *,
+        columns: Sequence[str] | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.source, self.storage_options = source, dict(storage_options or {})
+        self.index = read_index(source, self.storage_options)
+        available = tuple(self.index["columns"])
+        chosen = tuple(columns) if columns is not None else available
+        missing = [c for c in chosen if c not in available]
+        if missing:
+            raise ShardError(
+                f"{source}/{INDEX}: the cache has no column {missing[0]!r} "
+                f"(it has {', '.join(available)})"
+            )
+        self.columns = chosen
+        self._ends = np.cumsum([s["count"] for s in self.index["shards"]])
+        if not len(self._ends) or int(self._ends[-1]) != self.index["count"]:
+            raise ShardError(f"{source}/{INDEX}: shard counts do not add up to its count")
+        self._fs = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_fs": None}
+
+    def __len__(self) -> int:
+        return int(self.index["count"])
+
+    def locate(self, index: int) -> tuple[dict[str, Any], int]:
+        """(the shard holding sample `index`, its row there)."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample {index} of a cache of {len(self)}")
+        number = int(np.searchsorted(self._ends, index, side="right"))
+        row = index - (int(self._ends[number - 1]) if number else 0)
+        return self.index["shards"][number], row
+
+    def name(self, index: int) -> str:
+        shard, row = self.locate(index)
+        return shard["names"][row]
+
+    def row(self, index: int) -> dict[str, torch.Tensor]:
+        """Sample `index`'s tensors as stored."""
+        if self._fs is None:
+            self._fs, self._base = open_fs(self.source, self.storage_options)
+        shard, row = self.locate(index)
+        path = f"{self._base}/{shard['file']}"
+        paths, starts, ends, shapes = [], [], [], []
+        for column in self.columns:
+            entry = shard["tensors"][column]
+            begin, end = entry["data_offsets"]
+            size = (end - begin) // shard["count"]
+            start = shard["data_start"] + begin + row * size
+            paths.append(path)
+            starts.append(start)
+            ends.append(start + size)
+            shapes.append((DTYPES[entry["dtype"]], entry["shape"][1:]))
+        blobs = self._fs.cat_ranges(paths, starts, ends, on_error="return")
+        out = {}
+        for column, blob, (dtype, shape), start, end in zip(
+            self.columns, blobs, shapes, starts, ends, strict=True
+        ):
+            if isinstance(blob, FileNotFoundError):
+                raise ShardError(f"{self.source}/{shard['file']}: shard missing")
+            if isinstance(blob, Exception) or len(blob) != end - start:
+                raise ShardError(
+                    f"{self.source}/{shard['file']}: column {column!r} of sample "
+                    f"{shard['names'][row]} is cut short or unreadable"
+                )
+            out[column] = torch.frombuffer(bytearray(blob), dtype=dtype).reshape(shape)
+        return out
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.row(index)
+
+
+class LatentShards(ShardSet):
+    """A latent cache for the diffusion stages: `LatentSet`'s items
+    (latent scaled to unit variance by the cache's `latent_scale`, context,
+    spacing_mm, and labels / control when the config trains them), streamed
+    from shards."""
+
+    def __init__(
+        self,
+        source: str,
+        *,
+        columns: Sequence[str] = ("latent", "context", "spacing_mm"),
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(source, columns=columns, storage_options=storage_options)
+        if "latent_scale" not in self.index:
+            raise ShardError(f"{source}/{INDEX}: no latent_scale: not a latent cache")
+        self.latent_scale = float(self.index["latent_scale"])
+
+    @classmethod
+    def for_model(
+        cls, source: str, config, *, storage_options: dict[str, Any] | None = None
+    ) -> LatentShards:
+        """The columns `config` trains on, checked against the cache: labels
+        with the label condition, control with a ControlNet."""
+        columns = ["latent", "context", "spacing_mm"]
+        if config.label_condition:
+            columns.append("labels")
+        if config.control is not None:
+            columns.append("control")
+        shards = cls(source, columns=columns, storage_options=storage_options)
+        context = shards.index["columns"]["context"]["shape"]
+        if context[-1] != config.context_dim:
+            raise ShardError(
+                f"{source}/{INDEX}: context is {context[-1]}-d, the model's encoders give "
+                f"{config.context_dim}"
+            )
+        latent = shards.index["columns"]["latent"]["shape"]
+        if latent[0] != config.vae.latent_channels:
+            raise ShardError(
+                f"{source}/{INDEX}: latents have {latent[0]} channels, the model's VAE "
+                f"{config.vae.latent_channels}"
+            )
+        return shards
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        item = self.row(index)
+        item["latent"] = item["latent"].float() * self.latent_scale
+        return item
