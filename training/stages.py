@@ -91,15 +91,21 @@ class VAELoss:
 
 def train_vae(
     config: ModelConfig,
-    volumes_hu: torch.Tensor,
+    volumes_hu: torch.Tensor | Dataset,
     train_config: TrainConfig,
     out_dir: Path,
     *,
     crop: tuple[int, int, int] = (32, 32, 32),
     **kwargs,
 ) -> tuple[LatentCodec, TrainResult]:
+    """The VAE on random crops: of in-memory HU volumes (N, 1, X, Y, Z), or
+    of a data set that gives crops itself ({"hu": (1, cx, cy, cz)}: e.g.
+    `training.data.stream.VolumeCrops` over a streamed split)."""
     codec = LatentCodec(config.vae)
-    data = RandomCrops(volumes_hu, crop, seed=train_config.seed)
+    if isinstance(volumes_hu, torch.Tensor):
+        data = RandomCrops(volumes_hu, crop, seed=train_config.seed)
+    else:
+        data = volumes_hu
     result = train(codec.vae, VAELoss(), data, train_config, out_dir, **{"name": "vae", **kwargs})
     codec.vae.float().load_state_dict(result.ema)  # DeepSpeed cast it to bf16; EMA is fp32
     return codec, result
@@ -188,7 +194,10 @@ class LDMLoss:
 def train_ldm(
     config: ModelConfig, data: LatentSet, train_config: TrainConfig, out_dir: Path, **kwargs
 ) -> tuple[Denoiser, TrainResult]:
-    """The denoiser (UNet, and the label token when the config has one)."""
+    """The denoiser (UNet, and the label token when the config has one).
+    `data` is a `LatentSet` or any data set with its items, e.g.
+    `training.data.shards.LatentShards.for_model(cache, config)` streamed
+    from a shard cache (`training.shard_cache`)."""
     denoiser = Denoiser.for_model(dataclasses.replace(config, control=None))
     loss = LDMLoss.for_model(config)
     result = train(denoiser, loss, data, train_config, out_dir, **{"name": "ldm", **kwargs})

@@ -411,3 +411,40 @@ def epoch_keys(n: int, seed: int, epoch: int) -> list[tuple[int, int]]:
     from training.engine import data_order
 
     return [(epoch, int(i)) for i in data_order(n, seed, epoch)]
+
+
+class VolumeCrops(Dataset):
+    """The VAE stage's data from a stream: item `key` is one random crop
+    {"hu": (1, cx, cy, cz) float32} of volume `key` (an index or an
+    (epoch, index) pair, as the stream takes), at an offset drawn from
+    (seed, epoch, index): resumable, and the same in any worker. The stream
+    must raise on bad input (errors="raise"): a crop cannot be skipped."""
+
+    def __init__(self, stream: VolumeStream, crop: Sequence[int], *, seed: int = 0) -> None:
+        if stream.errors != "raise":
+            raise ValueError("VolumeCrops needs a stream with errors='raise'")
+        if any(c > n for c, n in zip(crop, stream.shape, strict=True)):
+            raise ValueError(f"crop {tuple(crop)} is larger than the volumes {stream.shape}")
+        self.stream, self.crop, self.seed = stream, tuple(int(c) for c in crop), seed
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        epoch, index = (
+            (int(key[0]), int(key[1]))
+            if isinstance(key, tuple)
+            else (
+                self.stream.epoch,
+                key,
+            )
+        )
+        volume = self.stream[(epoch, index)]["volume"]
+        state = np.random.SeedSequence([self.seed, epoch, index, 1]).generate_state(1, np.uint64)
+        rng = np.random.default_rng(int(state[0]))
+        x, y, z = (
+            int(rng.integers(0, n - c + 1))
+            for n, c in zip(volume.shape[1:], self.crop, strict=True)
+        )
+        cx, cy, cz = self.crop
+        return {"hu": volume[:, x : x + cx, y : y + cy, z : z + cz].float()}
