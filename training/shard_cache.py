@@ -156,18 +156,21 @@ def build_latent_shards(
     latent_dtype: torch.dtype = torch.float32,
     max_elements: int = SPLIT_ELEMENTS,
     storage_options: dict[str, Any] | None = None,
+    conditioner: TextConditioner | None = None,
 ) -> dict[str, Any]:
     """Encode every volume of `stream` (a `VolumeStream`; `views` times,
     view v at epoch v) and its report into shards at `dest` (module
     docstring). Skipped volumes (the stream's `errors="skip"`) are listed in
-    the index. Returns the index."""
+    the index. `conditioner` (default: `config.encoders` loaded from
+    `encoders_dir` on `device`) encodes the reports. Returns the index."""
     device = torch.device(device) if device is not None else default_device()
-    conditioner = TextConditioner(
-        config.encoders,
-        bundle_dir=encoders_dir,
-        device=device,
-        allow_remote_code=allow_remote_code,
-    )
+    if conditioner is None:
+        conditioner = TextConditioner(
+            config.encoders,
+            bundle_dir=encoders_dir,
+            device=device,
+            allow_remote_code=allow_remote_code,
+        )
     keys = [(view, i) for view in range(views) for i in range(len(stream))]
     loader = DataLoader(
         stream,

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -240,7 +241,7 @@ class ShardSet(Dataset):
         self._ends = np.cumsum([s["count"] for s in self.index["shards"]])
         if not len(self._ends) or int(self._ends[-1]) != self.index["count"]:
             raise ShardError(f"{source}/{INDEX}: shard counts do not add up to its count")
-        self._fs = None
+        self._fs, self._pid = None, -1
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_fs": None}
@@ -262,8 +263,9 @@ class ShardSet(Dataset):
 
     def row(self, index: int) -> dict[str, torch.Tensor]:
         """Sample `index`'s tensors as stored."""
-        if self._fs is None:
+        if self._fs is None or self._pid != os.getpid():  # a forked worker opens its own
             self._fs, self._base = open_fs(self.source, self.storage_options)
+            self._pid = os.getpid()
         shard, row = self.locate(index)
         path = f"{self._base}/{shard['file']}"
         paths, starts, ends, shapes = [], [], [], []

@@ -242,7 +242,10 @@ class VolumeStream(Dataset):
             else:
                 log.warning("skipping: %s", entry)
                 self.skipped.append((str(entry).split(":", 1)[0], str(entry)))
-        self._fs = None  # opened lazily in each process (fsspec file systems do not fork)
+        self._fs, self._pid = (
+            None,
+            -1,
+        )  # opened lazily in each process (fsspec file systems do not fork)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -334,8 +337,9 @@ class VolumeStream(Dataset):
         """A local path to the file at `relpath` under the root, for as long
         as the block runs: the file itself when the root is local, else a
         scratch copy, deleted afterwards."""
-        if self._fs is None:
+        if self._fs is None or self._pid != os.getpid():  # a forked worker opens its own
             self._fs, self._base = open_fs(self.root, self.storage_options)
+            self._pid = os.getpid()
         remote = f"{self._base}/{relpath}"
         if "file" in _protocols(self._fs):
             yield Path(remote)
