@@ -174,6 +174,17 @@ def ensure_distributed_env() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def process_rank() -> tuple[int, int]:
+    """(rank, world size): the process group's when one is initialised
+    (torchrun, DeepSpeed, Ray Train), else the environment's (1 process by
+    default)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 class EMA:
     """Exponential moving average of the trained parameters, kept in fp32
     (frozen ones, e.g. the UNet under a ControlNet, are not copied)."""
@@ -288,12 +299,17 @@ def train(
     resume: bool = True,
     stop_after: int | None = None,
     name: str | None = None,
+    on_checkpoint: Callable[[Path], None] | None = None,
 ) -> TrainResult:
     """Train `module` to `config.steps` optimizer steps (or stop early after
     `stop_after` steps). `loss_fn(engine_module, batch, generators)` returns
     the scalar loss, drawing sample i's noise from `generators[i]`;
     `dataset[i]` gives one sample. `name` (default: the run directory's)
-    names the stage in errors."""
+    names the stage in errors. `on_checkpoint(folder)` runs on every rank
+    once a checkpoint is complete on this rank's disk (e.g. to upload it).
+
+    A process group that already exists (Ray Train's TorchTrainer sets one
+    up in each worker) is what DeepSpeed uses, its rank and size included."""
     import deepspeed
     import torch.distributed as dist
 
@@ -302,8 +318,7 @@ def train(
     name = name or out_dir.name
     (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     _seed_all(config.seed)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank, world = process_rank()
 
     optimizer = torch.optim.AdamW(
         [p for p in module.parameters() if p.requires_grad],
@@ -390,6 +405,8 @@ def train(
             started, last = time.perf_counter(), step
         if step % config.checkpoint_every == 0 or step == target:
             _save(engine, ema, out_dir, step, losses, rank, world)
+            if on_checkpoint is not None:
+                on_checkpoint(out_dir / "checkpoints" / f"step-{step}")
     if log_file:
         log_file.close()
         plot_losses(losses, out_dir / "loss.png")

@@ -7,7 +7,18 @@ and the run directories of the stages before it:
     train_controlnet_run(data, "runs/ldm", "runs/controlnet", config, train_config)
 
 A later stage reads an earlier run's latest EMA weights and, after the LDM,
-its latent cache (`load_ldm_run`), so the runs chain without a bundle. An LDM
+its latent cache (`load_ldm_run`), so the runs chain without a bundle.
+
+Under several processes (torchrun, DeepSpeed's launcher, Ray Train) every
+rank calls the same function: what a run directory gets before training
+(the imported encoders, the latent cache) is made by rank 0 first while the
+others wait, then read (a shared run directory) or made the same way (a
+rank's own directory). Keyword arguments left over (`resume`,
+`on_checkpoint`, ...) go to `training.engine.train`.
+
+The training split is read whole into memory here (`load_volumes`): the
+stage functions take the data set as their one input, so a volume-by-volume
+data set replaces it in `_volumes` without touching the rest. An LDM
 run holds the text encoders its cache was computed with (`encoders/<name>/`,
 their specs in `encoders.json`), so the export ships exactly those. A VAE
 run is `checkpoints/step-N/ema.safetensors` + `client.json`, which a
@@ -19,9 +30,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
@@ -32,10 +44,41 @@ from training.caches import latent_text_cache, load_latent_cache
 from training.data.ctrate import mask_legend
 from training.data.volumes import load_volumes
 from training.encoder import ENCODERS_JSON, EncoderImportError, import_encoders
-from training.engine import TrainConfig, TrainResult, load_ema
+from training.engine import TrainConfig, TrainResult, load_ema, process_rank
 from training.stages import LatentSet, train_controlnet, train_ldm, train_vae
 
 CACHE = "cache.safetensors"  # an LDM run's latent and text cache
+
+# Each stage's defaults (the `ctfactory train` commands' and the train job's).
+STAGE_DEFAULTS: dict[str, TrainConfig] = {
+    "vae": TrainConfig(steps=600, micro_batch=4, lr=2e-4),
+    "ldm": TrainConfig(steps=2400, micro_batch=8, lr=3e-4),
+    "controlnet": TrainConfig(steps=800, micro_batch=8, lr=3e-4),
+}
+
+T = TypeVar("T")
+
+
+def rank_zero_first(make: Callable[[], T]) -> T:
+    """`make()` on rank 0, then (after a barrier) on every other rank: in a
+    shared run directory they find its output and read it; in their own,
+    they make it the same way. One process: just `make()`."""
+    import torch.distributed as dist
+
+    rank, world = process_rank()
+    if world == 1 or not dist.is_initialized():
+        return make()
+    if rank == 0:
+        made = make()
+    dist.barrier()
+    if rank != 0:
+        made = make()
+    return made
+
+
+def _volumes(data: str | Path, config: ModelConfig, **options: Any):
+    """The training split (in memory: today's `load_volumes`)."""
+    return load_volumes(data, config, **options)
 
 
 @dataclass
@@ -114,9 +157,10 @@ def train_vae_run(
     *,
     crop: tuple[int, int, int] = (32, 32, 32),
     hu_rule: str = "auto",
+    **train_options: Any,
 ) -> TrainResult:
-    volumes, _ = load_volumes(data, config, hu_rule=hu_rule)
-    _, result = train_vae(config, volumes, train_config, Path(out), crop=crop)
+    volumes, _ = _volumes(data, config, hu_rule=hu_rule)
+    _, result = train_vae(config, volumes, train_config, Path(out), crop=crop, **train_options)
     return result
 
 
@@ -131,30 +175,35 @@ def train_ldm_run(
     encoders: Mapping[str, str] | None = None,
     allow_remote_code: bool = False,
     hu_rule: str = "auto",
+    **train_options: Any,
 ) -> tuple[float, TrainResult]:
     """(the latent scale factor, the result); the caches go to
     OUT/cache.safetensors, the text encoders to OUT/encoders/
     (`prepare_run_encoders`: `encoders` maps a preset encoder's name to a
     local directory or a cached hub id)."""
     out = Path(out)
-    config = prepare_run_encoders(
-        config, out, encoders, allow_remote_code=allow_remote_code, encoders_dir=encoders_dir
+    config = rank_zero_first(
+        lambda: prepare_run_encoders(
+            config, out, encoders, allow_remote_code=allow_remote_code, encoders_dir=encoders_dir
+        )
     )
     codec = LatentCodec(config.vae)
     load_ema(codec.vae, vae_run)
-    volumes, conditions = load_volumes(data, config, hu_rule=hu_rule)
-    cached, scale = latent_text_cache(
-        out / CACHE,
-        codec,
-        config,
-        volumes,
-        conditions,
-        encoders_dir=out,
-        allow_remote_code=allow_remote_code,
+    volumes, conditions = _volumes(data, config, hu_rule=hu_rule)
+    cached, scale = rank_zero_first(
+        lambda: latent_text_cache(
+            out / CACHE,
+            codec,
+            config,
+            volumes,
+            conditions,
+            encoders_dir=out,
+            allow_remote_code=allow_remote_code,
+        )
     )
     config = dataclasses.replace(config, latent_scale=scale)
     _, result = train_ldm(
-        config, LatentSet.from_cache(cached, conditions, config), train_config, out
+        config, LatentSet.from_cache(cached, conditions, config), train_config, out, **train_options
     )
     return scale, result
 
@@ -167,11 +216,14 @@ def train_controlnet_run(
     train_config: TrainConfig,
     *,
     hu_rule: str = "auto",
+    **train_options: Any,
 ) -> TrainResult:
     """The mask condition on the data set's label maps, the LDM run frozen
     (the same `hu_rule` as its LDM run, so the same volumes line up)."""
     run = load_ldm_run(config, ldm_run, data)
-    _, conditions = load_volumes(data, run.config, masks=True, hu_rule=hu_rule)
+    _, conditions = _volumes(data, run.config, masks=True, hu_rule=hu_rule)
     data_set = LatentSet.from_cache(run.cache, conditions, run.config)
-    _, result = train_controlnet(run.config, run.denoiser, data_set, train_config, Path(out))
+    _, result = train_controlnet(
+        run.config, run.denoiser, data_set, train_config, Path(out), **train_options
+    )
     return result

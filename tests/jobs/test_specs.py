@@ -14,7 +14,7 @@ def test_defaults_and_kinds():
     assert isinstance(spec, GenerateSpec)
     assert spec.precision == "bf16" and spec.workers == 1
     for data in (
-        {"kind": "train", "stage": "ldm", "data": "d", "output": "o"},
+        {"kind": "train", "stage": "ldm", "data": "d", "output": "o", "vae_run": "v"},
         {"kind": "evaluate", "generated": "g/index.jsonl", "reference": "r", "output": "o"},
         {"kind": "shard", "manifest": "m.jsonl", "output": "shards", "num_shards": 4},
     ):
