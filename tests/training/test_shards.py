@@ -243,3 +243,17 @@ def test_a_streamed_cache_equals_the_in_memory_cache_and_blank_sections_are_empt
     assert torch.allclose(
         model.conditioner.encode(["  ", None], ["", "\n"]), model.conditioner.null_context(2)
     )
+    # The streamed cache feeds the diffusion stages' loss as the in-memory one does.
+    from report2ct.denoiser import Denoiser
+    from training.stages import LDMLoss
+
+    torch.manual_seed(0)
+    denoiser, loss = Denoiser.for_model(config), LDMLoss.for_model(config)
+
+    def loss_on(data) -> torch.Tensor:
+        batch = next(iter(DataLoader(data, batch_size=2, num_workers=0)))
+        return loss(denoiser, batch, [torch.Generator().manual_seed(i) for i in range(2)])
+
+    streamed = loss_on(shards)
+    assert torch.isfinite(streamed)
+    assert float(streamed) == pytest.approx(float(loss_on(reference)), rel=1e-3)
