@@ -46,8 +46,9 @@ log = logging.getLogger(__name__)
 # An optimizer shard of one rank (ZeRO 1/2, or the bf16 optimizer's): that rank's to upload.
 _SHARD = re.compile(r"zero_pp_rank_(\d+)_")
 # What a fetched LDM run brings besides its EMA weights.
-_LDM_RUN_FILES = ("cache.safetensors", "encoders.json", "encoders/")
+LDM_RUN_FILES = ("cache.safetensors", "encoders.json", "encoders/", "model.json")
 SUMMARY = "summary.json"  # a stage's run: what the job did (steps, final loss, ranks)
+MODEL = "model.json"  # a stage's run: the model config it trained (the preset with `model`)
 
 
 def run(spec) -> int:
@@ -149,7 +150,7 @@ def run_stage(spec) -> dict:
                 **options,
             )
         else:
-            ldm_run = fetch_run(spec.ldm_run, scratch / "ldm_run", _LDM_RUN_FILES)
+            ldm_run = fetch_run(spec.ldm_run, scratch / "ldm_run", LDM_RUN_FILES)
             result = train_controlnet_run(
                 data, ldm_run, run_dir.path, config, train_config, **options
             )
@@ -161,6 +162,7 @@ def run_stage(spec) -> dict:
         )
         if rank == 0:
             (run_dir.path / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+            (run_dir.path / MODEL).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         run_dir.finish()
     return summary
 
@@ -212,6 +214,16 @@ def fetch_run(uri: str, scratch: Path, extra: tuple[str, ...] = ()) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(storage.read_bytes(key))
     return scratch
+
+
+def run_model(run: Path):
+    """The model config a train job's run recorded (None for a run made
+    without one, e.g. by `ctfactory train ldm`): its architecture and grid,
+    with the preset's encoders (the LDM run's own are in encoders.json)."""
+    from report2ct.config import ModelConfig
+
+    recorded = Path(run) / MODEL
+    return ModelConfig.from_dict(json.loads(recorded.read_text())) if recorded.is_file() else None
 
 
 class RunDirectory:

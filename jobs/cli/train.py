@@ -190,19 +190,24 @@ def controlnet(
 
 @train_app.command("export")
 def export(
-    vae_run: Path = typer.Option(..., "--vae-run", help="a `train vae` run directory"),
-    ldm_run: Path = typer.Option(..., "--ldm-run", help="a `train ldm` run directory"),
-    out: Path = typer.Option(..., "--out", help="bundle directory to write"),
+    vae_run: str = typer.Option(..., "--vae-run", help="a `train vae` run (directory or s3://)"),
+    ldm_run: str = typer.Option(..., "--ldm-run", help="a `train ldm` run (directory or s3://)"),
+    out: str = typer.Option(..., "--out", help="bundle to write (directory or s3://)"),
     encoders_dir: Path | None = typer.Option(
         None, "--encoders-dir", help="directory holding the preset's bundle: text encoders"
     ),
-    controlnet_run: Path | None = typer.Option(
-        None, "--controlnet-run", help="a `train controlnet` run directory (the mask condition)"
+    controlnet_run: str | None = typer.Option(
+        None, "--controlnet-run", help="a `train controlnet` run (the mask condition)"
     ),
-    data: Path | None = typer.Option(
+    data: str | None = typer.Option(
         None, "--data", help="the ControlNet's data set (its masks/legend.json is the legend)"
     ),
-    preset: str = typer.Option("demo", "--preset"),
+    preset: str = typer.Option(
+        "demo",
+        "--preset",
+        help="the runs' preset, unless the LDM run recorded its model (model.json, written "
+        "by a train job), which is then used as recorded",
+    ),
     encoder: list[str] | None = typer.Option(
         None,
         "--encoder",
@@ -212,7 +217,13 @@ def export(
 ) -> None:
     """Export the runs' EMA weights (latest checkpoints) as a verified bundle
     that `ctfactory generate --model` loads, with the text encoders the LDM
-    run was trained with."""
+    run was trained with. Runs on s3:// are fetched first (their latest EMA
+    weights, the LDM's cache and encoders); a bundle for s3:// is written
+    locally, verified, then uploaded."""
+    import tempfile
+
+    from factory.storage import local_copy, open_storage
+    from jobs.train import LDM_RUN_FILES, fetch_run, run_model
     from report2ct.config import preset as model_preset
     from training.encoder import EncoderImportError
     from training.export import export_runs
@@ -220,18 +231,27 @@ def export(
     overrides = encoder_overrides(encoder)
     if (controlnet_run is None) != (data is None):
         raise typer.BadParameter("--controlnet-run and --data go together")
-    with refused_on(EncoderImportError):
-        sha = export_runs(
-            out,
-            model_preset(preset),
-            vae_run,
-            ldm_run,
-            encoders_dir=encoders_dir,
-            controlnet_run=controlnet_run,
-            data=data,
-            encoders=overrides,
-            allow_remote_code=allow_remote_code,
-        )
+    with tempfile.TemporaryDirectory(prefix="ct-factory-export-") as scratch:
+        scratch = Path(scratch)
+        ldm = fetch_run(ldm_run, scratch / "ldm", LDM_RUN_FILES)
+        vae = fetch_run(vae_run, scratch / "vae")
+        control = fetch_run(controlnet_run, scratch / "controlnet") if controlnet_run else None
+        target = open_storage(out)
+        local_out = target.local_path() or scratch / "bundle"
+        with refused_on(EncoderImportError):
+            sha = export_runs(
+                local_out,
+                run_model(ldm) or model_preset(preset),
+                vae,
+                ldm,
+                encoders_dir=encoders_dir,
+                controlnet_run=control,
+                data=local_copy(data) if data else None,
+                encoders=overrides,
+                allow_remote_code=allow_remote_code,
+            )
+        if target.local_path() is None:
+            target.upload_dir(local_out, "")
     typer.echo(f"bundle {out} sha256 {sha}")
 
 
