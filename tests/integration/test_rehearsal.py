@@ -107,6 +107,15 @@ def test_the_real_path_rehearsed_from_encoders_to_generated_volumes(
     for summary in (vae, ldm, control):
         assert summary["steps"] == 2 and math.isfinite(summary["final_loss"]), summary
 
+    from safetensors.torch import load
+
+    client = s3_server.client()
+    cache = load(
+        client.get_object(Bucket=s3_bucket, Key="runs/ldm/cache.safetensors")["Body"].read()
+    )
+    # Every quirky volume was read (none dropped), each to the grid's latent and a 2560-d context.
+    assert cache["latents"].shape == (4, 4, 8, 8, 8) and cache["contexts"].shape == (4, 2, 2560)
+
     from typer.testing import CliRunner
 
     from jobs.cli import app
@@ -122,8 +131,6 @@ def test_the_real_path_rehearsed_from_encoders_to_generated_volumes(
     )  # fmt: skip
     assert exported.exit_code == 0, exported.output
     sha = exported.output.split("sha256 ")[-1].strip()
-
-    client = s3_server.client()
 
     def read(key: str) -> bytes:
         return client.get_object(Bucket=s3_bucket, Key=f"bundles/paper-rehearsal/{key}")[
