@@ -21,8 +21,10 @@
   a loss is NaN or infinite, before it reaches the weights.
 
 Launch: one process (CPU or one GPU) directly; several with `deepspeed` or
-`torchrun`, across nodes with a hostfile (docs/training.md). The loop itself
-reads RANK / WORLD_SIZE from the environment like any torch.distributed job.
+`torchrun`, across nodes with a hostfile, or as Ray Train workers (a
+`kind: train` job, docs/training.md). The loop takes its rank and world
+size from the process group when one exists (Ray Train makes it before the
+loop runs), else from RANK / WORLD_SIZE like any torch.distributed job.
 """
 
 from __future__ import annotations
