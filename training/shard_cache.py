@@ -37,6 +37,8 @@ Contract (for the training stages and the Ray Train integration):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import math
 from pathlib import Path
@@ -50,7 +52,7 @@ from report2ct.codec import LatentCodec, hu_to_unit
 from report2ct.config import ModelConfig, VAEConfig
 from report2ct.control import class_occupancy, to_class_index
 from report2ct.text import TextConditioner
-from training.data.shards import ShardWriter, std_from_stats
+from training.data.shards import ShardError, ShardWriter, read_index, std_from_stats
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +143,34 @@ def encode_volume(
     return mu[0].float().cpu()
 
 
+def cache_fingerprint(
+    stream: Dataset, codec: LatentCodec, config: ModelConfig, *, views: int, latent_dtype
+) -> str:
+    """What a latent cache was computed from: the stream's volumes and how
+    they are read (spacing, seed, shape, masks), the VAE's weights, the text
+    encoders, the control legend, the views and the latent dtype. A cache is
+    resumed or reused only for the same."""
+    digest = hashlib.sha256()
+    facts = {
+        "names": [record.name for record in getattr(stream, "records", [])] or len(stream),
+        "stream": {
+            key: getattr(stream, key, None)
+            for key in ("root", "split", "seed", "spacing", "spacing_range_mm", "shape", "masks")
+        },
+        "hu_rule": getattr(stream, "hu_rule", None),
+        "vae": dataclasses.asdict(codec.config),
+        "encoders": [dataclasses.asdict(spec) for spec in config.encoders],
+        "control": None if config.control is None else dataclasses.asdict(config.control),
+        "views": views,
+        "latent_dtype": str(latent_dtype),
+    }
+    digest.update(json.dumps(facts, sort_keys=True, default=list).encode())
+    for name, tensor in sorted(codec.vae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def build_latent_shards(
     dest: str | Path,
     stream: Dataset,
@@ -161,7 +191,9 @@ def build_latent_shards(
     """Encode every volume of `stream` (a `VolumeStream`; `views` times,
     view v at epoch v) and its report into shards at `dest` (module
     docstring). Skipped volumes (the stream's `errors="skip"`) are listed in
-    the index. `conditioner` (default: `config.encoders` loaded from
+    the index. Resumable: a build that was interrupted continues after the
+    shards it finished; a finished cache of the same input (same
+    `cache_fingerprint`) is returned as it is, one of other input refused. `conditioner` (default: `config.encoders` loaded from
     `encoders_dir` on `device`) encodes the reports. Returns the index."""
     device = torch.device(device) if device is not None else default_device()
     if conditioner is None:
@@ -171,7 +203,27 @@ def build_latent_shards(
             device=device,
             allow_remote_code=allow_remote_code,
         )
-    keys = [(view, i) for view in range(views) for i in range(len(stream))]
+    fingerprint = cache_fingerprint(stream, codec, config, views=views, latent_dtype=latent_dtype)
+    try:
+        done = read_index(str(dest), storage_options)
+    except ShardError:
+        done = None
+    if done is not None:
+        if done.get("fingerprint") != fingerprint:
+            raise ShardError(
+                f"{dest}: a finished cache of other input is there (another split, VAE, "
+                "encoders or spacing): use another destination"
+            )
+        log.info("latent cache %s: finished already (%d samples)", dest, done["count"])
+        return done
+    writer = ShardWriter(
+        str(dest),
+        shard_size=shard_size,
+        storage_options=storage_options,
+        resume=True,
+        fingerprint=fingerprint,
+    )
+    keys = [(view, i) for view in range(views) for i in range(len(stream))][writer.position :]
     loader = DataLoader(
         stream,
         sampler=keys,
@@ -181,7 +233,6 @@ def build_latent_shards(
         prefetch_factor=1 if num_workers else None,
     )
     encoders: dict[tuple[int, int], AutoencoderKlMaisi] = {}
-    writer = ShardWriter(str(dest), shard_size=shard_size, storage_options=storage_options)
     for item in loader:
         name = item["name"]
         if "skipped" in item:

@@ -257,3 +257,60 @@ def test_a_streamed_cache_equals_the_in_memory_cache_and_blank_sections_are_empt
     streamed = loss_on(shards)
     assert torch.isfinite(streamed)
     assert float(streamed) == pytest.approx(float(loss_on(reference)), rel=1e-3)
+
+
+class FailingStream(VolumeStream):
+    """The stream as it is, until a planted failure: reading index `fail_at`
+    raises, as a node lost mid-build would stop the build. Logs each read."""
+
+    fail_at: int | None = None
+    reads: list[int]
+
+    def _item(self, record, epoch, index):
+        if index == self.fail_at:
+            raise RuntimeError(f"planted failure at {index}")
+        self.reads.append(index)
+        return super()._item(record, epoch, index)
+
+
+def failing(split, config, fail_at):
+    stream = FailingStream(split, config, seed=1)
+    stream.fail_at, stream.reads = fail_at, []
+    return stream
+
+
+def test_an_interrupted_cache_build_resumes_after_its_finished_shards(split, tiny_bundle, tmp_path):
+    model = load_bundle(tiny_bundle)
+    config, codec = model.config, model.codec
+    options = dict(
+        encoders_dir=tiny_bundle,
+        conditioner=model.conditioner,
+        shard_size=2,
+        num_workers=0,
+        device="cpu",
+    )
+    whole = build_latent_shards(
+        str(tmp_path / "whole"), failing(split, config, None), codec, config, **options
+    )
+    dest = str(tmp_path / "resumed")
+    first = failing(split, config, 3)
+    with pytest.raises(RuntimeError, match="planted failure at 3"):
+        build_latent_shards(dest, first, codec, config, **options)
+    assert first.reads == [0, 1, 2]
+    assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == ["shard-00000.safetensors"]
+    again = failing(split, config, None)
+    resumed = build_latent_shards(dest, again, codec, config, **options)
+    assert again.reads == [2, 3]  # shard 0 (volumes 0, 1) was kept
+    assert resumed["count"] == whole["count"] == 4
+    assert resumed["latent_scale"] == whole["latent_scale"]
+    a, b = ShardSet(dest), ShardSet(str(tmp_path / "whole"))
+    for i in range(4):
+        assert a.name(i) == b.name(i)
+        for key, value in a[i].items():
+            assert torch.equal(value, b[i][key])
+    # Finished: returned as it is, nothing read; another VAE is refused.
+    untouched = failing(split, config, 0)
+    assert build_latent_shards(dest, untouched, codec, config, **options) == resumed
+    other = LatentCodec(config.vae)
+    with pytest.raises(ShardError, match="finished cache of other input"):
+        build_latent_shards(dest, untouched, other, config, **options)

@@ -29,6 +29,7 @@ cheap. The data set pickles into DataLoader workers without its file system
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import struct
@@ -44,6 +45,7 @@ from training.data.stream import open_fs
 
 FORMAT = "ct-factory-shards/1"
 INDEX = "index.json"
+log = logging.getLogger(__name__)
 # safetensors dtype names -> torch dtypes (the ones the caches store)
 DTYPES = {
     "F64": torch.float64,
@@ -66,19 +68,27 @@ def shard_name(number: int) -> str:
     return f"shard-{number:05d}.safetensors"
 
 
-def _header(data: bytes) -> tuple[int, dict[str, Any]]:
-    """(offset of the data section, the tensor table) of a safetensors file."""
+def _header(data: bytes) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """(offset of the data section, the tensor table, the metadata) of a
+    safetensors file's first bytes."""
     (length,) = struct.unpack("<Q", data[:8])
     table = json.loads(data[8 : 8 + length])
-    table.pop("__metadata__", None)
-    return 8 + length, table
+    metadata = table.pop("__metadata__", None) or {}
+    return 8 + length, table, metadata
 
 
 class ShardWriter:
     """Samples in, shards out (module docstring). Every sample must have the
-    same columns with the same shapes and dtypes. `stats_column` gets a
-    running count, sum and sum of squares (float64) in the index, so a latent
-    scale over the whole cache needs no second pass."""
+    same columns with the same shapes and dtypes. A shard holds `shard_size`
+    positions of the input, samples and skips alike, so shard k always
+    covers positions [k * shard_size, (k + 1) * shard_size). `stats_column`
+    gets a count, sum and sum of squares (float64) per shard and in the
+    index, so a latent scale over the whole cache needs no second pass.
+
+    `resume=True` adopts the shards an interrupted writer left at `dest`
+    (each is written whole, or not at all): `position` says how many input
+    positions they cover, so the caller starts there. Shards written for
+    other input (another `fingerprint` or `shard_size`) are refused."""
 
     def __init__(
         self,
@@ -87,23 +97,39 @@ class ShardWriter:
         shard_size: int = 64,
         storage_options: dict[str, Any] | None = None,
         stats_column: str | None = "latent",
+        resume: bool = False,
+        fingerprint: str = "",
     ) -> None:
         if shard_size < 1:
             raise ValueError("shard_size must be at least 1")
         self.fs, self.base = open_fs(dest, storage_options)
         self.dest, self.shard_size, self.stats_column = dest, shard_size, stats_column
+        self.fingerprint = fingerprint
         if self.fs.exists(f"{self.base}/{INDEX}"):
             raise ShardError(f"{dest}/{INDEX}: a finished cache is there already; use another")
         self.fs.makedirs(self.base, exist_ok=True)
         self._rows: dict[str, list[torch.Tensor]] = {}
         self._names: list[str] = []
+        self._skips: list[dict[str, str]] = []
+        self._stats = self._zero_stats()
         self._columns: dict[str, tuple[str, tuple[int, ...]]] | None = None
         self.shards: list[dict[str, Any]] = []
         self.skipped: list[dict[str, str]] = []
         self.notes: dict[str, Any] = {}
-        self.stats = {"count": 0, "sum": 0.0, "sum_sq": 0.0}
+        self.stats = self._zero_stats()
         self.count = 0
+        self.position = 0  # input positions covered by written shards
         self.index: dict[str, Any] | None = None  # once closed
+        if resume:
+            self._adopt()
+        elif self.fs.exists(f"{self.base}/{shard_name(0)}"):
+            raise ShardError(
+                f"{dest}: shards of an unfinished cache are there; resume it or use another"
+            )
+
+    @staticmethod
+    def _zero_stats() -> dict[str, float]:
+        return {"count": 0, "sum": 0.0, "sum_sq": 0.0}
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -111,6 +137,47 @@ class ShardWriter:
     def __exit__(self, kind, value, traceback) -> None:
         if kind is None and self.index is None:
             self.close()
+
+    def _adopt(self) -> None:
+        """Take over the leading whole shards an interrupted writer left."""
+        while self.fs.exists(path := f"{self.base}/{shard_name(len(self.shards))}"):
+            head = self.fs.cat_file(path, start=0, end=8)
+            (length,) = struct.unpack("<Q", head)
+            start, table, meta = _header(head + self.fs.cat_file(path, start=8, end=8 + length))
+            file = shard_name(len(self.shards))
+            if (
+                meta.get("fingerprint") != self.fingerprint
+                or int(meta.get("shard_size", -1)) != self.shard_size
+            ):
+                raise ShardError(
+                    f"{self.dest}/{file}: written for other input (fingerprint "
+                    f"{meta.get('fingerprint')!r}, shard_size {meta.get('shard_size')}; this "
+                    f"writer's {self.fingerprint!r}, {self.shard_size}): use another destination"
+                )
+            names, skips = json.loads(meta["names"]), json.loads(meta["skipped"])
+            if names:
+                columns = {
+                    key: (str(DTYPES[entry["dtype"]]), tuple(entry["shape"][1:]))
+                    for key, entry in sorted(table.items())
+                }
+                if self._columns is not None and columns != self._columns:
+                    raise ShardError(f"{self.dest}/{file}: columns differ from earlier shards")
+                self._columns = columns
+            stats = json.loads(meta["stats"])
+            for key in self.stats:
+                self.stats[key] += stats[key]
+            self._record(file, names, skips, start, table, int(meta["positions"]))
+        if self.shards:
+            log.info("%s: resuming after %d shards", self.dest, len(self.shards))
+
+    def _record(self, file, names, skips, start, table, positions) -> None:
+        self.shards.append(
+            {"file": file, "count": len(names), "names": names, "data_start": start}
+            | {"tensors": table}
+        )
+        self.skipped += skips
+        self.count += len(names)
+        self.position += positions
 
     def add(self, sample: Mapping[str, torch.Tensor], *, name: str) -> None:
         columns = {
@@ -127,34 +194,49 @@ class ShardWriter:
             self._rows.setdefault(key, []).append(value.detach().cpu().contiguous())
         if self.stats_column is not None and self.stats_column in sample:
             values = sample[self.stats_column].detach().double()
-            self.stats["count"] += values.numel()
-            self.stats["sum"] += float(values.sum())
-            self.stats["sum_sq"] += float((values * values).sum())
+            moments = {
+                "count": values.numel(),
+                "sum": float(values.sum()),
+                "sum_sq": float((values * values).sum()),
+            }
+            for totals in (self._stats, self.stats):  # this shard's, the cache's so far
+                for key, value in moments.items():
+                    totals[key] += value
         self._names.append(name)
-        self.count += 1
-        if len(self._names) == self.shard_size:
-            self._flush()
+        self._advance()
 
     def skip(self, name: str, reason: str) -> None:
-        self.skipped.append({"name": name, "reason": reason})
+        """Input position with no sample (a bad volume), listed in the index."""
+        self._skips.append({"name": name, "reason": reason})
+        self._advance()
+
+    def _advance(self) -> None:
+        if len(self._names) + len(self._skips) == self.shard_size:
+            self._flush()
 
     def note(self, **facts: Any) -> None:
         """JSON-able facts kept in the index (the encoder, the data, ...)."""
         self.notes.update(facts)
 
     def _flush(self) -> None:
-        if not self._names:
+        positions = len(self._names) + len(self._skips)
+        if not positions:
             return
         file = shard_name(len(self.shards))
         tensors = {key: torch.stack(rows) for key, rows in self._rows.items()}
-        data = save(tensors, metadata={"names": json.dumps(self._names)})
-        start, table = _header(data)
+        metadata = {
+            "names": json.dumps(self._names),
+            "skipped": json.dumps(self._skips),
+            "stats": json.dumps(self._stats),
+            "positions": str(positions),
+            "shard_size": str(self.shard_size),
+            "fingerprint": self.fingerprint,
+        }
+        data = save(tensors, metadata=metadata)
+        start, table, _ = _header(data)
         self._put(file, data)
-        self.shards.append(
-            {"file": file, "count": len(self._names), "names": self._names, "data_start": start}
-            | {"tensors": table}
-        )
-        self._rows, self._names = {}, []
+        self._record(file, self._names, self._skips, start, table, positions)
+        self._rows, self._names, self._skips, self._stats = {}, [], [], self._zero_stats()
 
     def _put(self, file: str, data: bytes) -> None:
         path = f"{self.base}/{file}"
@@ -176,15 +258,18 @@ class ShardWriter:
         index = {
             "format": FORMAT,
             "count": self.count,
+            "positions": self.position,
+            "fingerprint": self.fingerprint,
             "columns": {k: {"dtype": d, "shape": list(s)} for k, (d, s) in self._columns.items()},
-            "shards": self.shards,
+            "shards": [shard for shard in self.shards if shard["count"]],
             "skipped": self.skipped,
             "stats": {self.stats_column: self.stats} if self.stats_column else {},
             **self.notes,
         }
-        self.fs.pipe_file(f"{self.base}/{INDEX}", json.dumps(index, indent=1).encode())
-        self.index = index
-        return index
+        text = json.dumps(index, indent=1)
+        self.fs.pipe_file(f"{self.base}/{INDEX}", text.encode())
+        self.index = json.loads(text)  # as a reader will see it
+        return self.index
 
 
 def _protocols(fs) -> tuple[str, ...]:
