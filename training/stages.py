@@ -12,6 +12,12 @@
 - ControlNet: MAISI's recipe: the trained UNet (and label token) frozen, a
   `ControlNetMaisi` copied from its encoder learns to follow the label maps
   of the same volumes, with the same loss.
+
+Data: in memory for the demo recipe (`load_volumes`, `latent_text_cache`,
+`LatentSet.from_cache`); at paper scale streamed, with the same items:
+`training.data.stream.VolumeCrops` for the VAE, and a shard cache
+(`training.shard_cache.build_latent_shards`, read by
+`training.data.shards.LatentShards.for_model`) for the LDM and ControlNet.
 """
 
 from __future__ import annotations

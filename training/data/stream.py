@@ -242,10 +242,8 @@ class VolumeStream(Dataset):
             else:
                 log.warning("skipping: %s", entry)
                 self.skipped.append((str(entry).split(":", 1)[0], str(entry)))
-        self._fs, self._pid = (
-            None,
-            -1,
-        )  # opened lazily in each process (fsspec file systems do not fork)
+        # The file system is opened lazily, in each process: fsspec's do not fork.
+        self._fs, self._pid = None, -1
 
     def __len__(self) -> int:
         return len(self.records)
