@@ -148,6 +148,7 @@ def save_bundle(
     extra_dirs: Mapping[str, str | Path] = {},
     extra_files: Mapping[str, str | Path] = {},
     metadata: Mapping[str, object] | None = None,
+    weights_dtype: torch.dtype | None = None,
 ) -> str:
     """Write a bundle; returns its sha256.
 
@@ -155,11 +156,17 @@ def save_bundle(
     extra_dirs: {"encoders/phantom-bert": src_dir} copied in (e.g. text encoders)
     extra_files: {"training/loss_ldm.png": src} copied in
     metadata: JSON-able facts kept in config.json (training data, recipe, ...)
+    weights_dtype: floating-point weights stored in this dtype (e.g.
+        torch.float16, half the bytes); loading casts them back to the
+        model's dtype (`load_state_dict` copies into its parameters)
     """
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     for name, state in weights.items():
-        tensors = {key: value.detach().to("cpu").contiguous() for key, value in state.items()}
+        tensors = {
+            key: value.detach().to("cpu", dtype=_stored_dtype(value, weights_dtype)).contiguous()
+            for key, value in state.items()
+        }
         save_file(tensors, root / f"{name}.safetensors", metadata={"format": "pt"})
     for dest, src in extra_dirs.items():
         shutil.copytree(src, root / dest, dirs_exist_ok=True)
@@ -169,6 +176,12 @@ def save_bundle(
     document = {"format": FORMAT, "model": config.to_dict(), "metadata": dict(metadata or {})}
     (root / "config.json").write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
     return write_checksums(root)
+
+
+def _stored_dtype(value: torch.Tensor, weights_dtype: torch.dtype | None) -> torch.dtype:
+    if weights_dtype is not None and value.is_floating_point():
+        return weights_dtype
+    return value.dtype
 
 
 def load_weights(path: str | Path, name: str) -> dict[str, torch.Tensor]:

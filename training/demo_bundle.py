@@ -1,9 +1,12 @@
 """Build the committed demo bundle end to end on one CPU:
 
     phantoms -> report BERT -> VAE (DeepSpeed) -> latent + text caches
-    -> latent diffusion with the label token (DeepSpeed)
-    -> ControlNet on the phantoms' label maps (DeepSpeed, UNet frozen)
-    -> export EMA weights to a bundle
+    -> latent diffusion on the text (DeepSpeed; the label token present,
+       always the zero token)
+    -> the label token alone on the frozen text model (DeepSpeed)
+    -> ControlNet on the phantoms' label maps (DeepSpeed, UNet and label
+       token frozen)
+    -> export EMA weights to a bundle, stored in half precision
 
 `ctfactory train demo-bundle` (and `make demo-bundle`) runs it; every stage
 writes under --work and is skipped when its output exists, so a killed build
@@ -24,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from phantom.ctrate_layout import DatasetSpec, write_dataset
 from report2ct.config import ControlConfig, preset
 from training.caches import latent_text_cache
@@ -32,6 +37,7 @@ from training.data.volumes import load_volumes
 from training.encoder import train_report_bert
 from training.engine import TrainConfig, with_deepspeed
 from training.export import export_bundle
+from training.label_token import text_only, train_label_token
 from training.stages import LatentSet, train_controlnet, train_ldm, train_vae
 
 log = logging.getLogger(__name__)
@@ -62,6 +68,19 @@ class DemoRecipe:
             checkpoint_every=400,
         )
     )
+    # The label token on the frozen text model (None: trained jointly with
+    # the UNet in the LDM stage, which costs the text response, see
+    # training/label_token.py).
+    labels: TrainConfig | None = field(
+        default_factory=lambda: TrainConfig(
+            steps=400,
+            micro_batch=8,
+            lr=1e-2,
+            warmup_steps=20,
+            ema_decay=0.99,
+            checkpoint_every=200,
+        )
+    )
     # The ControlNet (None: a bundle without the mask condition).
     control: TrainConfig | None = field(
         default_factory=lambda: TrainConfig(
@@ -73,10 +92,13 @@ class DemoRecipe:
             checkpoint_every=200,
         )
     )
+    # The dtype the bundle stores its weights in (None: as trained, fp32);
+    # fp16 halves the bundle and keeps ~3 decimal digits of every weight.
+    weights_dtype: str | None = "float16"
 
 
 # The recipe's DeepSpeed stages, by field name.
-STAGES = ("vae", "ldm", "control")
+STAGES = ("vae", "ldm", "labels", "control")
 
 
 def recipe_for(
@@ -182,9 +204,11 @@ def build_demo_bundle(
     config = dataclasses.replace(config, latent_scale=scale)
     lap("cache_s")
 
+    separate_labels = recipe.labels is not None and config.label_condition
+    latents = LatentSet.from_cache(cached, conditions, config)
     denoiser, ldm_result = train_ldm(
-        config,
-        LatentSet.from_cache(cached, conditions, config),
+        text_only(config) if separate_labels else config,
+        latents,
         recipe.ldm,
         work / "ldm",
         resume=resume,
@@ -192,6 +216,14 @@ def build_demo_bundle(
     lap("ldm_s")
     final_loss = {"vae": vae_result.losses[-1], "ldm": ldm_result.losses[-1]}
     runs = {"vae": work / "vae", "ldm": work / "ldm"}
+
+    if separate_labels:
+        denoiser, labels_result = train_label_token(
+            config, denoiser, latents, recipe.labels, work / "labels", resume=resume
+        )
+        lap("labels_s")
+        final_loss["labels"] = labels_result.losses[-1]
+        runs["labels"] = work / "labels"
 
     if recipe.control is not None:
         config = dataclasses.replace(config, control=ControlConfig(legend=mask_legend(data)))
@@ -217,6 +249,7 @@ def build_demo_bundle(
         encoders_dir=work,
         runs=runs,
         extra_files={"training/recipe.json": recipe_json},
+        weights_dtype=getattr(torch, recipe.weights_dtype) if recipe.weights_dtype else None,
         metadata={
             "training_data": f"{len(volumes)} chest phantoms (ct-factory phantom world, seed {recipe.seed}); "
             "no patient data",
@@ -235,6 +268,9 @@ def tiny_recipe() -> DemoRecipe:
         vae=TrainConfig(steps=2, micro_batch=2, warmup_steps=1, checkpoint_every=100, log_every=1),
         vae_crop=(16, 16, 16),
         ldm=TrainConfig(steps=2, micro_batch=2, warmup_steps=1, checkpoint_every=100, log_every=1),
+        labels=TrainConfig(
+            steps=2, micro_batch=2, warmup_steps=1, checkpoint_every=100, log_every=1
+        ),
         control=TrainConfig(
             steps=2, micro_batch=2, warmup_steps=1, checkpoint_every=100, log_every=1
         ),

@@ -12,6 +12,8 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+import torch
+
 from report2ct.bundle import save_bundle
 from report2ct.codec import LatentCodec
 from report2ct.config import ModelConfig
@@ -33,6 +35,7 @@ def export_bundle(
     extra_files: dict[str, Path] | None = None,
     metadata: dict | None = None,
     encoder_dirs: Mapping[str, Path] | None = None,
+    weights_dtype: torch.dtype | None = None,
 ) -> str:
     """Write trained (EMA) weights as a verified bundle the model core loads:
     the `bundle:` text encoders copied from `encoders_dir` (or, per
@@ -52,6 +55,7 @@ def export_bundle(
         extra_dirs={name: given.get(name) or Path(encoders_dir) / name for name in local},
         extra_files={**{k: v for k, v in curves.items() if v.exists()}, **(extra_files or {})},
         metadata={"trained": True, "latent_scale": config.latent_scale, **(metadata or {})},
+        weights_dtype=weights_dtype,
     )
 
 

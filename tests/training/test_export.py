@@ -5,6 +5,8 @@ import json
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
@@ -22,6 +24,20 @@ def test_demo_path_exports_a_bundle_the_model_core_samples(tmp_path):
     assert (
         tmp_path / "bundle/encoders/tiny-bert/model.safetensors"
     ).exists()  # the trained report BERT
+    # Stored in half precision (half the bytes), loaded into fp32 modules.
+    stored = load_file(tmp_path / "bundle/denoiser.safetensors")
+    assert {t.dtype for t in stored.values()} == {torch.float16}
+    # The label token learned in its own stage; the text model stayed frozen.
+    label_token = load_file(tmp_path / "bundle/label_embedding.safetensors")["weight"]
+    learned = load_file(next((tmp_path / "work/labels/checkpoints").glob("*/ema.safetensors")))
+    assert learned["label_embedding.weight"].abs().sum() > 0  # zero at the start
+    assert torch.equal(label_token, learned["label_embedding.weight"].half())
+    text_model = load_file(next((tmp_path / "work/ldm/checkpoints").glob("*/ema.safetensors")))
+    for key, value in text_model.items():
+        if key.startswith("unet."):
+            torch.testing.assert_close(
+                stored[key.removeprefix("unet.")].float(), value, rtol=1e-3, atol=1e-4
+            )
     saved = json.loads((tmp_path / "work/ldm/train_config.json").read_text())
     assert saved["train"]["steps"] == 2 and saved["deepspeed"]["zero_optimization"]["stage"] == 2
     requests = [
@@ -68,7 +84,9 @@ def _model_from_runs(vae, ldm, controlnet, data, encoders_dir, *, cache=None):
     )
     model = Report2CT(config, bundle_dir=encoders_dir)
     load_ema(model.codec.vae, vae)
-    load_ema(model.denoiser, ldm)  # the UNet and label token
+    load_ema(model.denoiser, ldm)  # the UNet (and the label token, trained jointly)
+    if (ldm.parent / "labels").is_dir():
+        load_ema(model.denoiser, ldm.parent / "labels")  # the label token, on its own
     load_ema(model.denoiser, controlnet)  # the branch on top
     return model.eval()
 
