@@ -181,7 +181,7 @@ def build_latent_shards(
     allow_remote_code: bool = False,
     device: torch.device | str | None = None,
     views: int = 1,
-    shard_size: int = 64,
+    shard_size: int = 16,
     num_workers: int = 2,
     latent_dtype: torch.dtype = torch.float32,
     max_elements: int = SPLIT_ELEMENTS,

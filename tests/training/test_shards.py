@@ -8,6 +8,7 @@ condition in training as in generation."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,10 @@ from torch.utils.data import DataLoader
 from phantom.ctrate_layout import DatasetSpec, write_dataset
 from report2ct.bundle import load_bundle
 from report2ct.codec import LatentCodec, hu_to_unit
-from report2ct.config import preset
+from report2ct.condition import empty
+from report2ct.config import ControlConfig, preset
+from report2ct.denoiser import Denoiser
+from report2ct.pipeline import VolumeRequest, _condition
 from training.caches import latent_text_cache
 from training.data.ctrate import CTRateDataset
 from training.data.shards import (
@@ -33,7 +37,7 @@ from training.data.shards import (
 from training.data.stream import VolumeStream
 from training.data.volumes import load_volumes
 from training.shard_cache import SPLIT_ELEMENTS, build_latent_shards, encode_volume, plan_split
-from training.stages import LatentSet
+from training.stages import LatentSet, LDMLoss
 
 
 def samples(n: int = 7) -> list[dict[str, torch.Tensor]]:
@@ -233,9 +237,6 @@ def test_a_streamed_cache_equals_the_in_memory_cache_and_blank_sections_are_empt
         for key in ("spacing_mm", "labels", "control"):
             assert torch.equal(got[key], want[key])
     # The blank IMPRESSION is the empty condition's token, as at generation.
-    from report2ct.condition import empty
-    from report2ct.pipeline import VolumeRequest, _condition
-
     assert torch.equal(shards[1]["context"][1], empty(config.context_dim))
     request = VolumeRequest(seed=0, findings=conditions[1].findings, impression=None)
     generation = _condition(model, [request], config.default_shape, [config.default_spacing_mm])
@@ -244,15 +245,13 @@ def test_a_streamed_cache_equals_the_in_memory_cache_and_blank_sections_are_empt
         model.conditioner.encode(["  ", None], ["", "\n"]), model.conditioner.null_context(2)
     )
     # The streamed cache feeds the diffusion stages' loss as the in-memory one does.
-    from report2ct.denoiser import Denoiser
-    from training.stages import LDMLoss
-
     torch.manual_seed(0)
     denoiser, loss = Denoiser.for_model(config), LDMLoss.for_model(config)
 
     def loss_on(data) -> torch.Tensor:
         batch = next(iter(DataLoader(data, batch_size=2, num_workers=0)))
-        return loss(denoiser, batch, [torch.Generator().manual_seed(i) for i in range(2)])
+        generators = [torch.Generator().manual_seed(i) for i in range(2)]
+        return loss(denoiser, batch, generators).detach()
 
     streamed = loss_on(shards)
     assert torch.isfinite(streamed)
@@ -314,3 +313,10 @@ def test_an_interrupted_cache_build_resumes_after_its_finished_shards(split, tin
     other = LatentCodec(config.vae)
     with pytest.raises(ShardError, match="finished cache of other input"):
         build_latent_shards(dest, untouched, other, config, **options)
+    # Read for a model it does not fit: refused, saying why.
+    with pytest.raises(ShardError, match="no mask occupancy"):
+        LatentShards.for_model(
+            dest, dataclasses.replace(config, control=ControlConfig(legend=((1, "lung"),)))
+        )
+    with pytest.raises(ShardError, match="context is"):
+        LatentShards.for_model(dest, preset("demo"))

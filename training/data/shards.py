@@ -3,7 +3,7 @@ sample.
 
 Contract (for the diffusion stages and the Ray Train integration):
 
-    with ShardWriter("s3://bucket/cache", shard_size=64) as writer:
+    with ShardWriter("s3://bucket/cache", shard_size=16) as writer:
         writer.add({"latent": ..., "context": ..., "spacing_mm": ...}, name="train_1_a_1.nii.gz")
         writer.skip("train_2_a_1.nii.gz", "not a chest CT")
         writer.note(latent_scale=...)
@@ -88,13 +88,17 @@ class ShardWriter:
     `resume=True` adopts the shards an interrupted writer left at `dest`
     (each is written whole, or not at all): `position` says how many input
     positions they cover, so the caller starts there. Shards written for
-    other input (another `fingerprint` or `shard_size`) are refused."""
+    other input (another `fingerprint` or `shard_size`) are refused.
+
+    A shard is held in memory until it is written: at the paper's size a
+    sample is 15 MB of float32 latent (plus its mask occupancy with a
+    ControlNet), so the default 16 samples keep it near a quarter GB."""
 
     def __init__(
         self,
         dest: str,
         *,
-        shard_size: int = 64,
+        shard_size: int = 16,
         storage_options: dict[str, Any] | None = None,
         stats_column: str | None = "latent",
         resume: bool = False,
@@ -411,6 +415,14 @@ class LatentShards(ShardSet):
             columns.append("labels")
         if config.control is not None:
             columns.append("control")
+        if config.control is not None:
+            available = read_index(source, storage_options)["columns"]
+            if "control" not in available:
+                raise ShardError(
+                    f"{source}/{INDEX}: the cache has no mask occupancy (control) to train a "
+                    "ControlNet on: build it from a stream with masks=True and a config with "
+                    "its control legend"
+                )
         shards = cls(source, columns=columns, storage_options=storage_options)
         context = shards.index["columns"]["context"]["shape"]
         if context[-1] != config.context_dim:
