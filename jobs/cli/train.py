@@ -55,6 +55,13 @@ def demo_bundle(
     ldm_steps: int | None = typer.Option(
         None, "--ldm-steps", min=1, help="(default: the recipe's, 2400 of 8)"
     ),
+    label_steps: int | None = typer.Option(
+        None,
+        "--label-steps",
+        min=0,
+        help="label-token steps of 8 on the frozen text model (default: the recipe's, 400; "
+        "0: the label token trained jointly with the UNet)",
+    ),
     control_steps: int | None = typer.Option(
         None,
         "--controlnet-steps",
@@ -69,20 +76,22 @@ def demo_bundle(
     ),
 ) -> None:
     """Build the demo bundle end to end: phantoms -> report BERT -> VAE ->
-    latent/text caches -> latent diffusion (with the label token) ->
-    ControlNet on the phantoms' label maps -> export. Resumable: rerun the
-    same command after an interruption."""
+    latent/text caches -> latent diffusion on the text -> the label token on
+    the frozen text model -> ControlNet on the phantoms' label maps -> export
+    (weights in fp16). Resumable: rerun the same command after an
+    interruption."""
     from training.demo_bundle import build_demo_bundle, recipe_for
 
     _setup_logging()
     overrides: dict = {"encoders": tuple(encoder)} if encoder else {}
     if phantoms:
         overrides["phantoms"] = phantoms
-    for stage, steps in (("vae", vae_steps), ("ldm", ldm_steps), ("control", control_steps)):
+    stages = {"vae": vae_steps, "ldm": ldm_steps, "labels": label_steps, "control": control_steps}
+    for stage, steps in stages.items():
         if steps:
             overrides[stage] = {"steps": steps}
-    if control_steps == 0:
-        overrides["control"] = None
+        elif steps == 0:
+            overrides[stage] = None
     sha = build_demo_bundle(out, work, recipe_for(preset, overrides))
     typer.echo(f"bundle {out} sha256 {sha}")
 
