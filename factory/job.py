@@ -39,14 +39,14 @@ DEFAULT_BUNDLE = BUNDLES / "demo"  # report text -> CT
 # The same recipe with the label token and a ControlNet (masks, labels alone).
 CONTROL_BUNDLE = BUNDLES / "demo-control"
 RECORDS_PER_PART = 1000
-# Calls of one generation actor in flight at once. At 2, one batch samples
-# on the accelerator while the last one is written (factory.worker holds a
-# lock around sampling only; bench/bench_overlap.py measures the overlap). It
-# stays 1 until one failure is understood: with 2 calls per actor and a
-# volume that kills its actor again and again, a run once ended with a volume
-# neither committed nor reported, and a co-resident volume used up its tries
-# with the culprit's deaths.
-PIPELINE_DEPTH = 1
+# Calls of one generation actor in flight at once: one batch samples on the
+# accelerator while the last one is written (factory.worker holds a lock
+# around sampling only; bench/bench_overlap.py measures the overlap). Each
+# call returns when its volumes are committed, so a batch's outcomes reach
+# the driver as with one call; a call that retries a volume runs alone in its
+# actor, so another volume's death can end at most a volume's first try
+# (docs/guarantees.md).
+PIPELINE_DEPTH = 2
 # Ray Data's read and repartition tasks each ask for one CPU; on a CPU-only
 # cluster the actors leave that much free (their torch threads still use the
 # cores: a CPU request is a scheduling label, not a limit).

@@ -2,14 +2,20 @@
 once and turns batches of validated records into committed volumes.
 
     plan    expand records into volume tasks; drop those already committed
+    claim   one try per volume (bounded: out of tries fails it)
     batch   group the rest by output grid, mask or not and guidance
-    sample  resolve masks, then one `generate()` call per batch, holding
-            the accelerator lock (the only step that uses the device)
+    prepare resolve masks (CPU)
+    sample  one `generate()` call per batch, holding the accelerator lock
+            (the only step that uses the device)
     write   every output of a volume under its attempt's own folder
     commit  the commit marker, written last and once (factory.commit)
 
-With `factory.job.PIPELINE_DEPTH` calls at once in one actor, one batch is
-written while the next samples: a bounded pipeline (off by default; see there).
+Ray Data runs `factory.job.PIPELINE_DEPTH` (2) calls of one actor at once, so
+one batch is written while the next samples: a bounded pipeline, and a call
+still returns only when its volumes are committed (or failed), so Ray Data's
+accounting of a batch is unchanged. A call holding a retry runs alone in its
+actor (`Slots`), so a volume's later tries are never ended by another
+volume's death (docs/guarantees.md).
 
 It keeps no per-record state: everything a record needs travels with it, and
 every decision (skip a committed key, write a fresh attempt, commit or lose)
@@ -26,12 +32,13 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from factory import commit
+from factory import commit, verify
 from factory.manifest import ManifestRecord
 from factory.outputs import VolumeOutput, outputs_for, write_all
 from factory.records import IndexEntry, Outcome, VolumeTask
@@ -71,6 +78,56 @@ class Prepared:
     request: VolumeRequest
     labels: dict[str, int]  # all 18 names: what the volume was asked to show
     mask_provenance: dict[str, Any] | None = None
+    # --verify: filled by the sample step (factory.verify.sample_step)
+    verification: dict[str, Any] = field(default_factory=dict)
+
+
+class Slots:
+    """The calls in flight in one actor. A call holds a shared slot, so two
+    can overlap (one samples while the other writes), or the whole actor
+    (`alone=True`): it waits until no other call is in flight and keeps new
+    ones out until it is done. A call waiting alone goes before new shared
+    ones, so a retry is not starved by the calls that keep arriving."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._shared = 0  # calls holding a shared slot
+        self._alone = False  # a call holds the whole actor
+        self._waiting_alone = 0
+        self._waiting = 0  # calls waiting for a slot, of either kind
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    def wait_for_waiting(self, count: int, timeout: float | None = None) -> bool:
+        """Block until `count` calls wait for a slot (for tests)."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._waiting >= count, timeout)
+
+    @contextmanager
+    def hold(self, *, alone: bool) -> Iterator[None]:
+        with self._changed:
+            self._waiting += 1
+            self._waiting_alone += alone
+            self._changed.notify_all()
+            if alone:
+                self._changed.wait_for(lambda: not self._alone and self._shared == 0)
+                self._alone = True
+            else:
+                self._changed.wait_for(lambda: not self._alone and self._waiting_alone == 0)
+                self._shared += 1
+            self._waiting -= 1
+            self._waiting_alone -= alone
+        try:
+            yield
+        finally:
+            with self._changed:
+                if alone:
+                    self._alone = False
+                else:
+                    self._shared -= 1
+                self._changed.notify_all()
 
 
 def _assigned_gpus() -> list[str]:
@@ -138,11 +195,12 @@ class GenerateWorker:
         self.model_provenance = self.model.provenance()
         control = self.model.config.control
         self.mask_classes = control.display_classes() if control is not None else {}
-        # Ray Data may run PIPELINE_DEPTH calls of this actor at once
+        # Ray Data runs PIPELINE_DEPTH calls of this actor at once
         # (factory.job): each samples under this lock, then writes, encodes,
         # uploads and commits outside it, so the next batch can sample while
         # the last one is written.
         self.accelerator = threading.Lock()
+        self.slots = Slots()
 
     # -- Ray Data entry point --------------------------------------------
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[str]]:
@@ -152,22 +210,49 @@ class GenerateWorker:
             record = ManifestRecord.model_validate(item["record"])
             tasks.extend(VolumeTask.for_record(item["line"], record))
         outcomes, todo = self._plan(tasks)
-        for group in self._batches(todo):
-            outcomes.extend(self._generate(group))
+        if not todo:
+            return self._results(outcomes)
+        # A volume tried before in this job lost that try to a death: its
+        # own, or that of a volume beside it in the actor. Every later try
+        # runs alone, so only the volume itself (or its node) can end it.
+        alone = any(self._tried(task) for task in todo)
+        with self.slots.hold(alone=alone):
+            failed, todo = self._claim(todo, alone=alone)
+            outcomes.extend(failed)
+            for group in self._batches(todo):
+                outcomes.extend(self._generate(group))
+        return self._results(outcomes)
+
+    @staticmethod
+    def _results(outcomes: list[Outcome]) -> dict[str, list[str]]:
         return {"result": [json.dumps(outcome.to_json()) for outcome in outcomes]}
 
     def _plan(self, tasks: list[VolumeTask]) -> tuple[list[Outcome], list[VolumeTask]]:
-        """Outcomes for the tasks already settled (skipped: committed by an
-        earlier run or attempt; failed: out of tries in this job), and the
-        tasks still to generate."""
+        """Outcomes for the tasks already committed (skipped: by an earlier
+        run; generated: by an earlier try in this job), and the tasks still
+        to generate."""
         done, todo = [], []
         for task in tasks:
             marker = commit.read_commit(self.run, task.key)
             if marker is not None:
+                # Committed by this job: by a try whose actor died before its
+                # call returned, so its outcome never reached the driver.
+                mine = marker.get("job_id") == self.options.job_id
                 entry = IndexEntry.from_json(marker["index"])
-                done.append(Outcome.committed("skipped", task.line, entry))
-            elif self._claim_try(task) > self.options.max_tries:
-                done.append(
+                done.append(Outcome.committed("generated" if mine else "skipped", task.line, entry))
+            else:
+                todo.append(task)
+        return done, todo
+
+    def _claim(
+        self, tasks: list[VolumeTask], *, alone: bool
+    ) -> tuple[list[Outcome], list[VolumeTask]]:
+        """Claim a try of each task (in its slot, so a call waiting for the
+        actor has claimed nothing); fail those out of tries in this job."""
+        failed, todo = [], []
+        for task in tasks:
+            if self._claim_try(task, alone=alone) > self.options.max_tries:
+                failed.append(
                     task.failed(
                         f"gave up after {self.options.max_tries} tries: the worker died during "
                         "each (see the job's log); a rerun tries again"
@@ -175,15 +260,24 @@ class GenerateWorker:
                 )
             else:
                 todo.append(task)
-        return done, todo
+        return failed, todo
 
-    def _claim_try(self, task: VolumeTask) -> int:
+    def _tries_folder(self, task: VolumeTask) -> str:
+        return f"_work/tries/{self.options.job_id}/{task.key}"
+
+    def _tried(self, task: VolumeTask) -> bool:
+        """Whether a try of the task was claimed before in this job."""
+        return self.run.exists(f"{self._tries_folder(task)}/1")
+
+    def _claim_try(self, task: VolumeTask, *, alone: bool) -> int:
         """Number this try of the task within this job (1, 2, ...), claimed
         with a conditional put, so concurrent and restarted workers count
-        each try once."""
-        folder = f"_work/tries/{self.options.job_id}/{task.key}"
+        each try once. The claim says which process tried, and whether
+        alone in its actor."""
+        folder = self._tries_folder(task)
+        claim = json.dumps({"pid": os.getpid(), "alone": alone}).encode()
         for number in range(1, self.options.max_tries + 2):
-            if self.run.put_if_absent(f"{folder}/{number}", str(os.getpid()).encode()):
+            if self.run.put_if_absent(f"{folder}/{number}", claim):
                 return number
         return self.options.max_tries + 1
 
@@ -204,25 +298,13 @@ class GenerateWorker:
 
     # -- one batch ---------------------------------------------------------
     def _generate(self, tasks: list[VolumeTask]) -> list[Outcome]:
-        from report2ct.pipeline import generate
-
+        """Prepare, sample, then write and commit each volume of one batch."""
         shape = tuple(tasks[0].record.shape or self.model.config.default_shape)
         ready, outcomes = self._prepare(tasks, shape)
         if not ready:
             return outcomes
-        sampling = self.options.sampling
-        guidance = tasks[0].record.guidance_scale
         try:
-            with self.accelerator:  # one batch on the device at a time; writes overlap
-                result = generate(
-                    self.model,
-                    [item.request for item in ready],
-                    shape=shape,
-                    num_steps=sampling.num_steps,
-                    guidance_scale=sampling.guidance_scale if guidance is None else guidance,
-                    precision=sampling.precision,
-                    method=sampling.method,
-                )
+            result = self._sample(ready, shape, tasks[0].record.guidance_scale)
         except Exception as error:
             log.exception("generation failed for %s", [item.task.key for item in ready])
             return outcomes + [item.task.failed(_reason(error)) for item in ready]
@@ -234,6 +316,30 @@ class GenerateWorker:
                 log.exception("writing %s failed", item.task.key)
                 outcomes.append(item.task.failed(_reason(error)))
         return outcomes
+
+    def _sample(self, ready: list[Prepared], shape, guidance: float | None):
+        """One `generate()` call for the batch, holding the accelerator: the
+        only step that uses the device (another call writes meanwhile)."""
+        from report2ct.pipeline import generate
+
+        sampling = self.options.sampling
+
+        def draw(requests: list[VolumeRequest]):
+            return generate(
+                self.model,
+                requests,
+                shape=shape,
+                num_steps=sampling.num_steps,
+                guidance_scale=sampling.guidance_scale if guidance is None else guidance,
+                precision=sampling.precision,
+                method=sampling.method,
+            )
+
+        with self.accelerator:
+            if getattr(sampling, "verify", None) is None:
+                return draw([item.request for item in ready])
+            # --verify: score, redraw failures with derived seeds (factory.verify)
+            return verify.sample_step(draw, ready, sampling, self.model.device)
 
     def _prepare(self, tasks: list[VolumeTask], shape) -> tuple[list[Prepared], list[Outcome]]:
         """The requests of the tasks whose mask (if any) resolved on the
@@ -278,13 +384,16 @@ class GenerateWorker:
         self, item: Prepared, volume: np.ndarray, sampler: dict, timings: dict[str, float]
     ) -> Outcome:
         task, record = item.task, item.task.record
+        seed, verification = verify.delivered(
+            task.key, item.verification, self.options.sampling, task.seed
+        )
         start = time.perf_counter()
         attempt = commit.new_attempt()
         prefix = commit.attempt_prefix(task.key, attempt)
         provenance = {
             **self.model_provenance,
             "sampler": sampler,
-            "seed": task.seed,
+            "seed": seed,
             "record": record.model_dump(mode="json"),
             "report": {"findings": record.findings, "impression": record.impression},
             "labels": item.labels,
@@ -299,7 +408,11 @@ class GenerateWorker:
             title=record.id,
             volume_xyz=volume,
             spacing_mm=item.request.spacing_mm,
-            attributes={"provenance": provenance, "labels": item.labels},
+            attributes={
+                "provenance": provenance,
+                "labels": item.labels,
+                **({"verification": verification} if verification else {}),
+            },
             mask_xyz=item.request.mask,
             mask_classes=self.mask_classes,
         )
@@ -309,12 +422,13 @@ class GenerateWorker:
             sample=task.sample,
             key=task.key,
             labels=item.labels,
-            seed=task.seed,
+            seed=seed,
             spacing_mm=item.request.spacing_mm,
             shape=tuple(volume.shape),
             findings=record.findings,
             impression=record.impression,
             timings_s={**timings, "write": time.perf_counter() - start},
+            verification=verification,
             **written.index,
         )
         _maybe_die(self.run, task.key)
@@ -326,6 +440,7 @@ class GenerateWorker:
         marker = {
             "key": task.key,
             "attempt": attempt,
+            "job_id": self.options.job_id,
             "files": files,
             "index": entry.to_json(),
             "worker": self.identity,
