@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from report2ct.config import Precision, SamplerMethod
 
@@ -77,6 +77,30 @@ class GenerateOptions(BaseModel):
     max_task_retries: int = Field(
         3, ge=0, le=100, description="retries of a batch whose actor died before it finished"
     )
+    verify: Uri | None = Field(
+        None,
+        description="score every volume with a label verifier bundle (local dir or s3://; "
+        "'default': the committed report2ct/bundles/verifier) against the labels its record "
+        "specifies; the scores go into its index row and attributes",
+    )
+    resample: int = Field(
+        0,
+        ge=0,
+        le=32,
+        description="with --verify: draw a volume that fails again, with the next derived "
+        "seed, up to this many times",
+    )
+    drop_unverified: bool = Field(
+        False,
+        description="with --verify: a volume that passes none of its draws goes to the errors "
+        "with its scores (default: committed, flagged passed: false)",
+    )
+
+    @model_validator(mode="after")
+    def _verification_needs_a_verifier(self) -> GenerateOptions:
+        if self.verify is None and (self.resample or self.drop_unverified):
+            raise ValueError("resample and drop_unverified need verify (a verifier bundle)")
+        return self
 
     def run_name(self) -> str:
         """The run's folder under `output`: `run`, or the manifest's file stem."""
@@ -94,12 +118,23 @@ class GenerateOptions(BaseModel):
         }
 
     def sampling(self):
-        """The sampling subset the workers receive."""
+        """The sampling subset the workers receive; with --verify, how each
+        volume is verified and redrawn too (factory.verify.VerifiedSampling)."""
         from report2ct.pipeline import SamplingOptions  # torch: only where sampling happens
 
-        return SamplingOptions(
-            num_steps=self.num_steps,
-            guidance_scale=self.guidance_scale,
-            precision=self.precision,
-            method=self.method,
+        sampling = {
+            "num_steps": self.num_steps,
+            "guidance_scale": self.guidance_scale,
+            "precision": self.precision,
+            "method": self.method,
+        }
+        if self.verify is None:
+            return SamplingOptions(**sampling)
+        from factory.verify import VerifiedSampling
+
+        return VerifiedSampling(
+            **sampling,
+            verify=self.verify,
+            resample=self.resample,
+            drop_unverified=self.drop_unverified,
         )

@@ -62,6 +62,10 @@ class IndexEntry:
     mask: str | None = None  # the label image, <uri>/labels/mask
     nifti_uri: str | None = None
     preview_uri: str | None = None
+    # --verify only (factory.verify): {scores: all 18, passed: bool or None
+    # (None: the record specifies no label the verifier judges), tries,
+    # verifier_sha256, seed (of the delivered draw), disagree}
+    verification: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The index row: optional outputs appear only when written."""
