@@ -54,6 +54,9 @@ def generate(
     torch_compile: bool = _switch("torch_compile"),
     channels_last: bool = _switch("channels_last"),
     cudnn_benchmark: bool = _switch("cudnn_benchmark"),
+    verify: str | None = _flag("verify"),
+    resample: int | None = _flag("resample"),
+    drop_unverified: bool = _switch("drop_unverified"),
     dry_run: bool = typer.Option(
         False,
         "--dry-run",
