@@ -56,7 +56,8 @@ def read_bytes(uri: str) -> bytes:
 
 
 def is_zarr(uri: str) -> bool:
-    """An OME-Zarr group, or a group inside one (e.g. <image>.ome.zarr/labels/mask)."""
+    """An OME-Zarr group, or a node inside one (e.g. <image>.ome.zarr/mask, a
+    factory output's label map, or <image>.ome.zarr/labels/<name>)."""
     return any(part.lower().endswith(".zarr") for part in uri.rstrip("/").split("/"))
 
 
@@ -89,11 +90,16 @@ def _read_nifti(data: bytes) -> tuple[np.ndarray, tuple[float, float, float]]:
 
 
 def _read_ome_zarr(uri: str) -> tuple[np.ndarray, tuple[float, float, float], str]:
-    from factory.reader import open_group
-
-    group = open_group(uri)
+    group, path = _group_and_path(uri)
     try:
-        multiscale = group.attrs["ome"]["multiscales"][0]
+        multiscales = group.attrs["ome"]["multiscales"]
+        # The array a URI names (a factory output's `mask`): the multiscale
+        # that holds it; a group: its first multiscale.
+        multiscale = (
+            multiscales[0]
+            if path is None
+            else next(m for m in multiscales if m["datasets"][0]["path"] == path)
+        )
         axes = [axis["name"] for axis in multiscale["axes"]]
         dataset = multiscale["datasets"][0]
         scale = next(
@@ -113,6 +119,21 @@ def _read_ome_zarr(uri: str) -> tuple[np.ndarray, tuple[float, float, float], st
     spacing = tuple(float(scale[i]) for i in order)
     digest = hashlib.sha256(array.tobytes() + json.dumps(scale).encode()).hexdigest()
     return array, spacing, digest
+
+
+def _group_and_path(uri: str):
+    """(OME-Zarr group, path of the array `uri` names in it, or None when
+    `uri` names the group itself)."""
+    import zarr
+
+    from factory.reader import open_group
+    from factory.storage import open_storage
+
+    node = zarr.open(store=open_storage(uri).zarr_store(mode="r"), mode="r")
+    if isinstance(node, zarr.Group):
+        return node, None
+    head, _, name = uri.rstrip("/").rpartition("/")
+    return open_group(head), name
 
 
 def _three_d(array: np.ndarray) -> np.ndarray:

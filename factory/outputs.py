@@ -70,7 +70,7 @@ class OmeZarrOutput:
         )
         index = {"uri": run.uri(key)}
         if item.mask_xyz is not None:
-            index["mask"] = run.uri(join(key, "labels", MASK_LABEL))
+            index["mask"] = run.uri(join(key, MASK_LABEL))  # the label map's array
         return Written(files, index)
 
 

@@ -30,12 +30,18 @@ def open_group(uri: str) -> zarr.Group:
     return zarr.open_group(store=open_storage(uri).zarr_store(mode="r"), mode="r")
 
 
-def _image_xyz(group: zarr.Group) -> tuple[np.ndarray, tuple[float, float, float]]:
-    dataset = group.attrs["ome"]["multiscales"][0]["datasets"][0]
+def _image_xyz(
+    group: zarr.Group, multiscale: int = 0
+) -> tuple[np.ndarray, tuple[float, float, float]]:
+    dataset = group.attrs["ome"]["multiscales"][multiscale]["datasets"][0]
     scale_zyx = next(
         t["scale"] for t in dataset["coordinateTransformations"] if t["type"] == "scale"
     )
     return group[dataset["path"]][...].transpose(2, 1, 0), tuple(reversed(scale_zyx))
+
+
+def _classes(image_label: dict) -> dict[int, str]:
+    return {int(p["label-value"]): p["name"] for p in image_label.get("properties", [])}
 
 
 def open_volume(uri: str) -> tuple[np.ndarray, tuple[float, float, float], dict[str, Any]]:
@@ -48,17 +54,23 @@ def open_volume(uri: str) -> tuple[np.ndarray, tuple[float, float, float], dict[
 
 def open_volume_and_mask(uri: str):
     """(volume, spacing, attributes, mask [x, y, z] or None, {value: class
-    name}) of a factory output: the mask is its `labels/mask` label image."""
+    name}) of a factory output: the mask is the group's multiscale named
+    "mask" (its array `mask`, classes in the array's `image-label`); outputs
+    written before that layout keep it as the OME label image `labels/mask`."""
     group = open_group(uri)
     volume, spacing = _image_xyz(group)
+    attributes = dict(group.attrs)
+    names = [m.get("name") for m in group.attrs["ome"]["multiscales"]]
+    if MASK_LABEL in names[1:]:
+        mask, _ = _image_xyz(group, names.index(MASK_LABEL, 1))
+        path = group.attrs["ome"]["multiscales"][names.index(MASK_LABEL, 1)]["datasets"][0]["path"]
+        return volume, spacing, attributes, mask, _classes(group[path].attrs["image-label"])
     try:
         label = group[f"labels/{MASK_LABEL}"]
     except KeyError:
-        return volume, spacing, dict(group.attrs), None, {}
+        return volume, spacing, attributes, None, {}
     mask, _ = _image_xyz(label)
-    properties = label.attrs["ome"]["image-label"].get("properties", [])
-    classes = {int(p["label-value"]): p["name"] for p in properties}
-    return volume, spacing, dict(group.attrs), mask, classes
+    return volume, spacing, attributes, mask, _classes(label.attrs["ome"]["image-label"])
 
 
 def run_of(uri: str) -> str:

@@ -1,15 +1,18 @@
 """OME-Zarr 0.5 output: one image group per volume, int16 HU, axes z, y, x
 in millimetre with `scale` = the voxel spacing, validated with
 `ome-zarr-models`. Provenance and labels go into the group attributes; the
-label map a volume was generated from goes into the image group as an
-OME-Zarr label image, `labels/mask`, on the same grid, with `image-label`
-metadata naming and colouring every value.
+label map a volume was generated from goes into the image group as a second
+array, `mask`, on the same grid: the group's second multiscale (named
+"mask", same axes and scale as the image, so an OME-Zarr reader that picks a
+multiscale by name finds it), with OME's `image-label` metadata (the name and
+colour of every value) in the array's own attributes.
 
 Each array is one shard (Zarr v3 `sharding_indexed`) of 64^3 inner chunks, so
 a viewer reads a chunk with one ranged request while object storage holds
 few objects: a volume is 3 (group and array metadata, the shard), its label
-map 4 more (the labels group, the label image group, its array metadata and
-shard), an optional 2x downsampled level 2 more. The group is encoded in
+map 2 more (its array metadata and shard), an optional 2x downsampled level
+of the image 2 more. (An OME `labels/` group would cost 4 objects a mask: the
+labels group, the label image group, its array metadata and shard.) The group is encoded in
 memory (`encode_ome_zarr`) and written object by object, to a directory
 (`write_ome_zarr`) or straight to a `Storage` (`put_ome_zarr`): no local
 temporary copy on the way to object storage.
@@ -38,7 +41,7 @@ if TYPE_CHECKING:
     from factory.storage import Storage
 
 CHUNK = 64  # inner chunk edge: a viewer's unit of reading
-MASK_LABEL = "mask"  # the label image: <image>.ome.zarr/labels/mask
+MASK_LABEL = "mask"  # the label map: the array <image>.ome.zarr/mask, multiscale "mask"
 OME_VERSION = "0.5"
 AXES = ("z", "y", "x")
 # Objects of one volume go to object storage concurrently (each is one PUT).
@@ -103,14 +106,14 @@ def encode_ome_zarr(
     datasets = [
         _array(group, path, data, compression, spacing_zyx, factor) for path, data, factor in levels
     ]
-    group.attrs.update(
-        {"ome": {"version": OME_VERSION, "multiscales": [_multiscale("image", datasets)]}}
-    )
-    group.attrs.update(dict(attributes))
+    multiscales = [_multiscale("image", datasets)]
     if mask_xyz is not None:
-        _write_mask(
-            group, np.asarray(mask_xyz), mask_classes or {}, compression, spacing_zyx, len(levels)
+        mask = _write_mask(
+            group, np.asarray(mask_xyz), mask_classes or {}, compression, spacing_zyx
         )
+        multiscales.append(_multiscale(MASK_LABEL, [mask]))
+    group.attrs.update({"ome": {"version": OME_VERSION, "multiscales": multiscales}})
+    group.attrs.update(dict(attributes))
     return {key: buffer.to_bytes() for key, buffer in objects.items()}
 
 
@@ -118,7 +121,7 @@ def write_ome_zarr(
     path: Path, volume_xyz: np.ndarray, spacing_mm: tuple[float, float, float], **options: Any
 ) -> Path:
     """Write a local OME-Zarr image group at `path` (a directory), with the
-    mask as `labels/mask` when given; `options` are `encode_ome_zarr`'s
+    mask as the array `mask` when given; `options` are `encode_ome_zarr`'s
     (`attributes` required; `mask_xyz`, `mask_classes` value -> (name,
     rgba), `compression`, `downsampled`)."""
     from factory.storage import LocalStorage
@@ -234,10 +237,11 @@ def _write_mask(
     classes: Mapping[int, tuple[str, tuple[int, int, int, int]]],
     compression: Compression,
     spacing_zyx: list[float],
-    num_levels: int,
-) -> None:
-    """The label image, with as many levels as the image (OME-Zarr asks
-    it): a 2x level of labels takes every other voxel, never a mean."""
+) -> dict:
+    """The label map as the array `mask` of the image group (one level: a
+    viewer overlays it on the full-resolution image), its values named and
+    coloured by OME's `image-label` in the array's attributes; returns its
+    OME dataset entry."""
     if mask_xyz.dtype != np.uint8:
         if mask_xyz.size and (mask_xyz.min() < 0 or mask_xyz.max() > 255):
             raise ValueError("label values must fit uint8")
@@ -246,30 +250,13 @@ def _write_mask(
     flat = np.require(mask_xyz.reshape(-1), requirements=["C", "W"])  # from_numpy: writable
     counts = torch.bincount(torch.from_numpy(flat), minlength=256)
     present = [int(v) for v in torch.nonzero(counts).flatten() if v]
-    labels = group.create_group("labels")
-    labels.attrs["ome"] = {"version": OME_VERSION, "labels": [MASK_LABEL]}
-    label = labels.create_group(MASK_LABEL)
-    datasets = [
-        _array(
-            label,
-            f"s{level}",
-            mask_xyz[:: 2**level, :: 2**level, :: 2**level],
-            compression,
-            spacing_zyx,
-            2**level,
-            centred=False,
-        )
-        for level in range(num_levels)
-    ]
-    label.attrs["ome"] = {
+    dataset = _array(group, MASK_LABEL, mask_xyz, compression, spacing_zyx, 1, centred=False)
+    group[MASK_LABEL].attrs["image-label"] = {
         "version": OME_VERSION,
-        "multiscales": [_multiscale(MASK_LABEL, datasets)],
-        "image-label": {
-            "version": OME_VERSION,
-            "colors": [{"label-value": v, "rgba": list(classes[v][1])} for v in present],
-            "properties": [{"label-value": v, "name": classes[v][0]} for v in present],
-        },
+        "colors": [{"label-value": v, "rgba": list(classes[v][1])} for v in present],
+        "properties": [{"label-value": v, "name": classes[v][0]} for v in present],
     }
+    return dataset
 
 
 def validate_ome_zarr(path: str | Path | zarr.Group) -> None:
@@ -277,7 +264,7 @@ def validate_ome_zarr(path: str | Path | zarr.Group) -> None:
     from ome_zarr_models.v05.image import Image
 
     group = path if isinstance(path, zarr.Group) else zarr.open_group(str(path), mode="r")
-    Image.from_zarr(group)  # with its labels/, when present
+    Image.from_zarr(group)  # every multiscale, the mask's included
 
 
 def write_nifti(path: Path, volume_xyz: np.ndarray, spacing_mm: tuple[float, float, float]) -> Path:

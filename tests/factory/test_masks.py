@@ -66,7 +66,7 @@ def test_an_ome_zarr_label_image_is_read_with_its_scale(tmp_path):
         mask_xyz=truth,
         mask_classes={v: (n, (1, 2, 3, 255)) for v, n in CONTROL.legend},
     )
-    array, spacing, _ = read_mask(str(path / "labels" / "mask"))
+    array, spacing, _ = read_mask(str(path / "mask"))  # the array, as the index names it
     assert spacing == SPACING and np.array_equal(array, truth)
 
 

@@ -1,5 +1,5 @@
 """Masks through the whole factory, against a real local S3 endpoint and a
-real local Ray: outputs carry `labels/mask` on the image's grid, an
+real local Ray: outputs carry the `mask` array on the image's grid, an
 independent zarr reader opens them, the downstream reader returns (image,
 mask, labels, report), and unusable masks are reported by id and reason."""
 
@@ -126,17 +126,23 @@ def test_masks_from_uris_and_the_phantom_world_end_in_labels(
         prefix = _uri_of("out/masks", client, s3_bucket, name)
         local = _download(client, s3_bucket, prefix, tmp_path / name)
         image = zarr.open_group(str(local), mode="r")
-        label = zarr.open_group(str(local / "labels" / "mask"), mode="r")
-        assert zarr.open_group(str(local / "labels"), mode="r").attrs["ome"]["labels"] == ["mask"]
-        assert label["s0"].shape == image["s0"].shape == SHAPE[::-1]
-        scale = lambda g: g.attrs["ome"]["multiscales"][0]["datasets"][0][  # noqa: E731
-            "coordinateTransformations"
-        ][0]["scale"]
-        assert scale(label) == scale(image) == list(SPACING[::-1])
+        files = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
+        assert files == [
+            "mask/c/0/0/0",
+            "mask/zarr.json",
+            "s0/c/0/0/0",
+            "s0/zarr.json",
+            "zarr.json",
+        ]
+        assert image["mask"].shape == image["s0"].shape == SHAPE[::-1]
+        image_ms, mask_ms = image.attrs["ome"]["multiscales"]
+        scale = lambda m: m["datasets"][0]["coordinateTransformations"][0]["scale"]  # noqa: E731
+        assert mask_ms["name"] == "mask" and mask_ms["datasets"][0]["path"] == "mask"
+        assert scale(mask_ms) == scale(image_ms) == list(SPACING[::-1])
         names = {
-            p["label-value"]: p["name"] for p in label.attrs["ome"]["image-label"]["properties"]
+            p["label-value"]: p["name"] for p in image["mask"].attrs["image-label"]["properties"]
         }
-        assert names[3] == "lung" and set(names) == set(np.unique(label["s0"][...])) - {0}
+        assert names[3] == "lung" and set(names) == set(np.unique(image["mask"][...])) - {0}
         provenance = image.attrs["provenance"]["mask"]
         assert provenance["source"] == ("uri" if name == "uri" else "phantom")
         from factory.writer import validate_ome_zarr
@@ -154,7 +160,7 @@ def _uri_of(run_prefix, client, bucket, record_id):
     ]
     for row in map(json.loads, lines):
         if row["id"] == record_id:
-            assert row["mask"].endswith("/labels/mask")
+            assert row["mask"] == row["uri"] + "/mask"  # the label map's array
             return row["uri"].removeprefix(f"s3://{bucket}/")
     raise AssertionError(record_id)
 

@@ -42,10 +42,12 @@ def test_reads_back_with_plain_zarr_on_the_right_grid(tmp_path):
     validate_ome_zarr(path)
     group = zarr.open_group(str(path), mode="r")
     assert np.array_equal(group["s0"][...], volume.transpose(2, 1, 0))
-    assert np.array_equal(group["labels/mask/s0"][...], mask.transpose(2, 1, 0))
+    assert np.array_equal(group["mask"][...], mask.transpose(2, 1, 0))
     assert group.attrs["provenance"] == {"seed": 3}
-    for node in (group, group["labels/mask"]):
-        (multiscale,) = node.attrs["ome"]["multiscales"]
+    image, label_map = group.attrs["ome"]["multiscales"]  # the image first: readers' default
+    assert (image["name"], image["datasets"][0]["path"]) == ("image", "s0")
+    assert (label_map["name"], label_map["datasets"][0]["path"]) == ("mask", "mask")
+    for multiscale in (image, label_map):
         assert [(a["name"], a["unit"]) for a in multiscale["axes"]] == [
             ("z", "millimeter"),
             ("y", "millimeter"),
@@ -58,8 +60,24 @@ def test_reads_back_with_plain_zarr_on_the_right_grid(tmp_path):
         "y",
         "x",
     )
-    label = group["labels/mask"].attrs["ome"]["image-label"]
+    label = group["mask"].attrs["image-label"]
     assert [p["name"] for p in label["properties"]] == ["lung", "heart"]
+    assert [c["rgba"] for c in label["colors"]] == [[10, 20, 30, 255], [200, 0, 0, 255]]
+
+
+def test_ome_zarr_py_opens_the_image_and_the_mask_by_name(tmp_path):
+    # An independent OME reader: ome-zarr-py takes the first multiscale
+    # (the image) as before; the mask is the group's multiscale "mask".
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    volume, mask = volume_and_mask()
+    path = write_ome_zarr(
+        tmp_path / "v.ome.zarr", volume, SPACING, attributes={}, mask_xyz=mask, mask_classes=CLASSES
+    )
+    (node, *_) = Reader(parse_url(str(path)))()
+    assert np.array_equal(np.asarray(node.data[0]), volume.transpose(2, 1, 0))
+    assert node.metadata["name"] == "image"
 
 
 def test_one_shard_per_array_and_few_objects(tmp_path):
@@ -70,7 +88,13 @@ def test_one_shard_per_array_and_few_objects(tmp_path):
         "zarr.json",
     ]
     objects = encode_ome_zarr(volume, SPACING, attributes={}, mask_xyz=mask, mask_classes=CLASSES)
-    assert len(objects) == 7  # + labels group, label image group, its array and shard
+    assert sorted(objects) == [  # a mask adds 2: its array metadata and shard
+        "mask/c/0/0/0",
+        "mask/zarr.json",
+        "s0/c/0/0/0",
+        "s0/zarr.json",
+        "zarr.json",
+    ]
     metadata = json.loads(objects["s0/zarr.json"])
     (sharding,) = metadata["codecs"]
     assert sharding["name"] == "sharding_indexed"
@@ -138,7 +162,8 @@ def test_the_downsampled_level_for_viewers(tmp_path):
         {"type": "scale", "scale": [3.0, 1.4, 1.6]},
         {"type": "translation", "translation": [0.75, 0.35, 0.4]},
     ]
-    assert np.array_equal(group["labels/mask/s1"][...], mask[::2, ::2, ::2].T)
+    assert np.array_equal(group["mask"][...], mask.T)  # the mask: full resolution only
+    assert [d["path"] for d in group.attrs["ome"]["multiscales"][1]["datasets"]] == ["mask"]
 
 
 def test_a_mask_off_the_grid_is_refused(tmp_path):
