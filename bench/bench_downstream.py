@@ -25,7 +25,8 @@ to carry its real phantom's labels and label map before anything trains.
 Sizes: --quick is N=40 records (40 generated volumes), T=60 classifier test
 phantoms, classifier seeds 0 1 2 at 20 epochs; M=4 real + k*M=8 generated
 segmentation pairs, S=16 test phantoms, segmenter seeds 0 1 at 200 steps of
-batch 4 (about 12 min on an idle 2-core CPU, a third of it generation). Both
+batch 4 (estimated ~12 min on an idle 2-core CPU from its parts' CPU cost;
+under heavy load far longer: report `uptime` with the figures). Both
 networks work on the evaluation's common grid, 48x48x32 at 8x8x10 mm. The
 full default is N=160, T=120, M=8, k=4, S=24, 400 segmenter steps, 3 seeds.
 Every size is also a flag. Last lines: `RATIO tstr <value>` and
