@@ -100,6 +100,14 @@ class GenerateOptions(BaseModel):
     def _verification_needs_a_verifier(self) -> GenerateOptions:
         if self.verify is None and (self.resample or self.drop_unverified):
             raise ValueError("resample and drop_unverified need verify (a verifier bundle)")
+        if self.verify == "default":
+            from factory.verify import DEFAULT_VERIFIER  # checked here: not in every worker
+
+            if not (DEFAULT_VERIFIER / "SHA256SUMS").is_file():
+                raise ValueError(
+                    f"verify 'default': no committed verifier at {DEFAULT_VERIFIER}; build it "
+                    "with `ctfactory train-verifier --out <dir>` and pass that directory"
+                )
         return self
 
     def run_name(self) -> str:

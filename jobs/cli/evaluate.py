@@ -39,12 +39,20 @@ def evaluate(
     ),
     epochs: int = typer.Option(20, "--epochs", min=1, help="epochs for networks trained here"),
     seed: int = typer.Option(0, "--seed", help="seed of networks trained here"),
+    classifier_grid: str = typer.Option(
+        "fine",
+        "--classifier-grid",
+        help="grid of a label classifier trained here: 'fine' (4 x 4 x 5 mm, a nodule spans "
+        "several voxels) or 'common' (--spacing-mm/--shape)",
+    ),
 ) -> None:
     """Label fidelity (classifier AUROC, generated vs held-out real), 2.5D FID
     per plane and CLIP scores; writes OUT/metrics.json and OUT/report.md.
 
     The reference's 'train' split trains any evaluation network not given as
-    a bundle; its 'valid' split is the held-out real set.
+    a bundle; its 'valid' split is the held-out real set. A classifier trained
+    here is saved (OUT/models/classifier) with per-label thresholds chosen on
+    the held-out set: `ctfactory generate --verify` takes it as a verifier.
     """
     from rich.console import Console
 
@@ -53,7 +61,12 @@ def evaluate(
     from evaluation.report import evaluate as run
 
     settings = EvalSettings(
-        spacing_mm=spacing_mm, shape=shape, classifier_epochs=epochs, clip_epochs=epochs, seed=seed
+        spacing_mm=spacing_mm,
+        shape=shape,
+        classifier_epochs=epochs,
+        clip_epochs=epochs,
+        seed=seed,
+        classifier_grid=classifier_grid,
     )
     try:
         gen = generated_cases(generated)
@@ -74,7 +87,9 @@ def evaluate(
     )
     fidelity, fid, scores = metrics["label_fidelity"], metrics["fid_2p5d"], metrics["clip"]
     Console().print(
-        f"label fidelity ratio {fidelity['ratio']}, 2.5D FID {fid['mean']:.4f}, "
+        f"label fidelity ratio {fidelity['ratio']} (macro AUROC generated "
+        f"{fidelity['generated']['macro']}, held-out real {fidelity['real']['macro']}), "
+        f"2.5D FID {fid['mean']:.4f}, "
         f"CLIP text-to-image {scores['text_to_image']:.1f}; wrote {out / 'metrics.json'}, {out / 'report.md'}"
     )
 
@@ -112,6 +127,9 @@ def ablate(
         (48, 48, 32), "--shape", help="common grid shape x y z"
     ),
     epochs: int = typer.Option(20, "--epochs", min=1, help="epochs for networks trained here"),
+    classifier_grid: str = typer.Option(
+        "fine", "--classifier-grid", help="'fine' (4 x 4 x 5 mm) or 'common'"
+    ),
     ask_by: list[str] = typer.Option(
         [],
         "--ask-by",
@@ -145,7 +163,11 @@ def ablate(
         name, sep, path = item.rpartition("=")
         named.append((name if sep else Path(path).name, path))
     settings = EvalSettings(
-        spacing_mm=spacing_mm, shape=shape, classifier_epochs=epochs, clip_epochs=epochs
+        spacing_mm=spacing_mm,
+        shape=shape,
+        classifier_epochs=epochs,
+        clip_epochs=epochs,
+        classifier_grid=classifier_grid,
     )
     try:
         first = read_config(named[0][1])  # a bad bundle fails before any work
@@ -182,3 +204,33 @@ def ablate(
     )
     (out / "ablation.md").write_text(ablation_markdown(rows))
     Console().print(ablation_markdown(rows))
+
+
+@app.command("train-verifier")
+def train_verifier(
+    out: Path = typer.Option(..., "--out", "-o", help="bundle directory to write"),
+    n_train: int = typer.Option(160, "--n-train", min=8, help="training phantoms"),
+    n_held_out: int = typer.Option(
+        80, "--n-held-out", min=8, help="held-out phantoms the thresholds are chosen on"
+    ),
+    epochs: int = typer.Option(10, "--epochs", min=1),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Train a label verifier on phantoms drawn in memory (the fine grid) and
+    write it as a verified bundle with per-label thresholds chosen on
+    held-out phantoms (`ctfactory generate --verify OUT`). The committed
+    report2ct/bundles/verifier is this command's output with its defaults."""
+    import json
+
+    from rich.console import Console
+
+    from evaluation.classifier import build_verifier
+
+    metadata = build_verifier(
+        str(out), n_train=n_train, n_held_out=n_held_out, epochs=epochs, seed=seed
+    )
+    judged = {n: t for n, t in metadata["thresholds"].items() if t is not None}
+    Console().print(
+        f"wrote {out}: held-out macro AUROC {metadata['held_out_macro_auroc']:.3f}, judges "
+        f"{json.dumps(judged)}, held-out pass rate {metadata['held_out_pass_rate']:.3f}"
+    )

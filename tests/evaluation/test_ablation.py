@@ -37,6 +37,7 @@ def test_ablate_writes_one_row_per_variant(tmp_path, tiny_bundle):
             *("--scale", "3", "--scale", "5", "--epochs", "1"),
             *("--ask-by", "labels", "--ask-by", "text+labels"),
             *("--spacing-mm", "12", "12", "13.5", "--shape", "32", "32", "24"),
+            *("--classifier-grid", "common"),
         ],
     )
     assert result.exit_code == 0, result.output

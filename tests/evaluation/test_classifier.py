@@ -6,7 +6,14 @@ import dataclasses
 import numpy as np
 import pytest
 
-from evaluation.classifier import LabelClassifier, auroc_table, label_fidelity, train_classifier
+from evaluation.classifier import (
+    FINE_GRID,
+    LabelClassifier,
+    auroc_table,
+    choose_thresholds,
+    label_fidelity,
+    train_classifier,
+)
 from report2ct.bundle import BundleError
 
 # Measured (docs/evaluation.md): 160 training phantoms of 32x32x24 voxels at
@@ -113,3 +120,52 @@ def test_label_fidelity_against_known_per_label_values(phantoms_held_out):
     assert sum(v is None for v in per_label.values()) == len(CTRATE_LABELS) - 3
     assert result["real"]["macro"] == pytest.approx((1.0 + 0.0 + 0.75) / 3)
     assert result["ratio"] == pytest.approx(1.0 / ((1.0 + 0.0 + 0.75) / 3))
+
+
+def test_the_fine_grid_resolves_the_smallest_nodule_and_holds_the_whole_body():
+    from evaluation.data import to_grid
+    from phantom.world import make_phantom
+    from report2ct.labels import CTRATE_LABELS
+
+    spacing = np.array(FINE_GRID["spacing_mm"])
+    # The world's nodules are 8-28 mm across: the smallest spans 2 voxels in-plane.
+    assert (8.0 / spacing[:2] >= 2).all() and 8.0 / spacing[2] > 1.5
+    p = make_phantom(7, requested={"Lung nodule": 1})
+    case_grid = to_grid(
+        dataclasses.replace(_case(p, CTRATE_LABELS), spacing_mm=p.spacing_mm),
+        spacing_mm=FINE_GRID["spacing_mm"],
+        shape=FINE_GRID["shape"],
+    )[0].numpy()
+    # Nothing of the body is cropped away: every tissue voxel of the phantom
+    # (above -500 HU) is on the grid.
+    low, high = -1000.0, 1000.0
+    body = (p.volume_hu > -500).sum()
+    on_grid = (case_grid * (high - low) + low > -500).sum()
+    assert abs(int(on_grid) - int(body)) / body < 0.02
+
+
+def _case(p, names):
+    from evaluation.data import Case
+
+    labels = np.array([p.labels[n] for n in names], dtype=np.int64)
+    return Case("p", p.volume_hu.astype(np.float32), p.spacing_mm, labels, "")
+
+
+def test_thresholds_maximise_balanced_accuracy_and_skip_unreliable_labels():
+    from report2ct.labels import CTRATE_LABELS
+
+    labels = np.zeros((6, len(CTRATE_LABELS)), dtype=np.int64)
+    scores = np.full((6, len(CTRATE_LABELS)), 0.5)
+    a, b, c = (CTRATE_LABELS.index(n) for n in ("Cardiomegaly", "Emphysema", "Lung nodule"))
+    labels[:, a] = labels[:, b] = labels[:, c] = [0, 0, 0, 1, 1, 1]
+    scores[:, a] = [0.1, 0.2, 0.3, 0.6, 0.7, 0.9]  # separable: cut between 0.3 and 0.6
+    scores[:, b] = [0.1, 0.5, 0.3, 0.4, 0.7, 0.9]  # AUROC 8/9: one swap, best cut 0.45
+    scores[:, c] = [0.9, 0.2, 0.3, 0.1, 0.7, 0.4]  # AUROC 4/9: not judged
+    chosen = choose_thresholds(scores, labels, min_auroc=0.8)
+    assert chosen["thresholds"]["Cardiomegaly"] == pytest.approx(0.45)
+    assert chosen["balanced_accuracy"]["Cardiomegaly"] == 1.0
+    assert chosen["auroc"]["Emphysema"] == pytest.approx(8 / 9)
+    assert chosen["thresholds"]["Emphysema"] in (pytest.approx(0.35), pytest.approx(0.6))
+    assert chosen["balanced_accuracy"]["Emphysema"] == pytest.approx(5 / 6)
+    assert chosen["thresholds"]["Lung nodule"] is None
+    assert chosen["thresholds"]["Bronchiectasis"] is None  # a single class

@@ -73,6 +73,7 @@ def test_evaluate_writes_every_metric_and_the_report(tmp_path):
             "evaluate",
             *("--generated", str(index), "--reference", str(reference), "--out", str(out)),
             *("--spacing-mm", "12", "12", "13.5", "--shape", "32", "32", "24", "--epochs", "2"),
+            *("--classifier-grid", "common"),
         ],
     )
     assert result.exit_code == 0, result.output
@@ -100,6 +101,18 @@ def test_evaluate_writes_every_metric_and_the_report(tmp_path):
     # The networks trained here are saved as verified bundles beside the metrics.
     for name in ("classifier", "clip", "slice-net"):
         assert (out / "models" / name / "SHA256SUMS").is_file()
+    # The classifier carries thresholds chosen on the held-out split (a verifier
+    # for `generate --verify`): one for each label it separates well enough there.
+    from evaluation.bundle import load_eval_bundle
+    from evaluation.classifier import MIN_VERIFIER_AUROC
+
+    _, saved, _ = load_eval_bundle(out / "models" / "classifier", kind="label-classifier")
+    assert set(saved["thresholds"]) == set(CTRATE_LABELS) and saved["held_out"] == 12
+    for name, threshold in saved["thresholds"].items():
+        auroc = saved["auroc"][name]
+        assert (threshold is None) == (auroc is None or auroc < MIN_VERIFIER_AUROC), name
+    assert saved["thresholds"]["Bronchiectasis"] is None  # never rendered: never judged
+    assert metrics["settings"]["classifier"]["shape"] == [32, 32, 24]
     report = (out / "report.md").read_text()
     assert "label fidelity ratio" in report and "| axial |" in report
     pngs = sorted((out / "montages").glob("*.png"))

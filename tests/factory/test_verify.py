@@ -202,9 +202,9 @@ def test_options_refuse_redraws_without_a_verifier_and_carry_them_to_the_workers
     base = {"manifest": "m.jsonl", "output": "out"}
     with pytest.raises(ValidationError, match="need verify"):
         GenerateOptions(**base, resample=2)
-    sampling = GenerateOptions(**base, verify="default", resample=2, num_steps=3).sampling()
+    sampling = GenerateOptions(**base, verify="v/", resample=2, num_steps=3).sampling()
     assert isinstance(sampling, VerifiedSampling)
-    assert (sampling.verify, sampling.resample, sampling.num_steps) == ("default", 2, 3)
+    assert (sampling.verify, sampling.resample, sampling.num_steps) == ("v/", 2, 3)
     assert not isinstance(GenerateOptions(**base).sampling(), VerifiedSampling)
 
 
@@ -217,3 +217,13 @@ def test_the_committed_verifier_is_small_verified_and_judges_the_large_findings(
     assert verifier.sha256 == sha
     for name in ("Cardiomegaly", "Pleural effusion"):
         assert verifier.thresholds[name] is not None
+
+
+def test_verify_default_without_a_committed_verifier_is_refused_before_any_work(
+    tmp_path, monkeypatch
+):
+    import factory.verify
+
+    monkeypatch.setattr(factory.verify, "DEFAULT_VERIFIER", tmp_path / "missing")
+    with pytest.raises(ValidationError, match="train-verifier"):
+        GenerateOptions(manifest="m.jsonl", output="out", verify="default")
