@@ -57,6 +57,7 @@ def test_demo_path_exports_a_bundle_the_model_core_samples(tmp_path):
             work / "phantoms",
             work,
             cache=work / "cache.safetensors",
+            stored=torch.float16,
         ),
         requests,
         num_steps=2,
@@ -65,7 +66,7 @@ def test_demo_path_exports_a_bundle_the_model_core_samples(tmp_path):
     assert not np.array_equal(exported[0], exported[1])  # the model responds to its input
 
 
-def _model_from_runs(vae, ldm, controlnet, data, encoders_dir, *, cache=None):
+def _model_from_runs(vae, ldm, controlnet, data, encoders_dir, *, cache=None, stored=None):
     """The trained model rebuilt from the run directories alone: each run's
     latest EMA checkpoint, the latent scale of the cache (the LDM run's), the data
     set's mask legend, the report BERT under `encoders_dir`."""
@@ -88,6 +89,10 @@ def _model_from_runs(vae, ldm, controlnet, data, encoders_dir, *, cache=None):
     if (ldm.parent / "labels").is_dir():
         load_ema(model.denoiser, ldm.parent / "labels")  # the label token, on its own
     load_ema(model.denoiser, controlnet)  # the branch on top
+    with torch.no_grad():  # rounded as the bundle stores them (`stored` dtype)
+        for tensor in model.state_dict().values():
+            if stored is not None and tensor.is_floating_point():
+                tensor.copy_(tensor.to(stored))
     return model.eval()
 
 

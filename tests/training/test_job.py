@@ -25,13 +25,13 @@ def test_train_job_builds_under_its_deepspeed_config_and_restarts_on_request(tmp
             "phantoms": 6,
             "bert_steps": 3,
             "vae_crop": [16, 16, 16],
-            **{stage: STAGE for stage in ("vae", "ldm", "control")},
+            **{stage: STAGE for stage in ("vae", "ldm", "labels", "control")},
         },
     }
     assert run(parse_spec(spec)) == 0
     assert "bundle_sha256" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     work = tmp_path / "bundle.work"
-    for stage in ("vae", "ldm", "controlnet"):
+    for stage in ("vae", "ldm", "labels", "controlnet"):
         saved = json.loads((work / stage / "train_config.json").read_text())
         assert saved["deepspeed"]["zero_optimization"] == {"stage": 1}, stage
         assert saved["deepspeed"]["gradient_clipping"] == 0.5, stage
