@@ -59,7 +59,7 @@ class IndexEntry:
     findings: str | None
     impression: str | None
     timings_s: dict[str, float] = field(default_factory=dict)
-    mask: str | None = None  # the label image, <uri>/labels/mask
+    mask: str | None = None  # the label map, the array <uri>/mask
     nifti_uri: str | None = None
     preview_uri: str | None = None
     # --verify only (factory.verify): {scores: all 18, passed: bool or None
