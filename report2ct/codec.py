@@ -70,7 +70,11 @@ def unit_to_hu(unit: torch.Tensor) -> torch.Tensor:
     return unit.clamp(0.0, 1.0) * (high - low) + low
 
 
-def build_vae(config: VAEConfig) -> AutoencoderKlMaisi:
+def build_vae(config: VAEConfig, *, num_splits: int = 1, dim_split: int = 1) -> AutoencoderKlMaisi:
+    """MONAI's MAISI VAE for `config`. `num_splits` > 1 runs its convolutions
+    in that many slabs along spatial axis `dim_split` (MAISI's own memory
+    option, exact; training's large-volume encode uses it); the decode here
+    has its own slab plan instead."""
     return AutoencoderKlMaisi(
         spatial_dims=3,
         in_channels=1,
@@ -85,9 +89,9 @@ def build_vae(config: VAEConfig) -> AutoencoderKlMaisi:
         use_checkpointing=False,
         use_convtranspose=False,
         norm_float16=False,
-        num_splits=1,  # MAISI's channel splitting saves GPU memory; tiling does that here
-        dim_split=1,
-        save_mem=False,
+        num_splits=num_splits,
+        dim_split=dim_split,
+        save_mem=num_splits > 1,
     )
 
 

@@ -48,7 +48,7 @@ import torch
 from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
 from torch.utils.data import DataLoader, Dataset
 
-from report2ct.codec import LatentCodec, hu_to_unit
+from report2ct.codec import LatentCodec, build_vae, hu_to_unit
 from report2ct.config import ModelConfig, VAEConfig
 from report2ct.control import class_occupancy, to_class_index
 from report2ct.text import TextConditioner
@@ -93,25 +93,7 @@ def split_encoder(codec: LatentCodec, num_splits: int, axis: int) -> Autoencoder
     """A copy of `codec.vae` whose convolutions run in `num_splits` slabs
     along spatial `axis` (MAISI's own memory option: same weights, same
     result)."""
-    c = codec.config
-    vae = AutoencoderKlMaisi(
-        spatial_dims=3,
-        in_channels=1,
-        out_channels=1,
-        num_res_blocks=c.num_res_blocks,
-        num_channels=c.num_channels,
-        attention_levels=c.attention_levels,
-        latent_channels=c.latent_channels,
-        norm_num_groups=c.norm_num_groups,
-        with_encoder_nonlocal_attn=c.with_encoder_nonlocal_attn,
-        with_decoder_nonlocal_attn=c.with_decoder_nonlocal_attn,
-        use_checkpointing=False,
-        use_convtranspose=False,
-        norm_float16=False,
-        num_splits=num_splits,
-        dim_split=axis,
-        save_mem=True,
-    )
+    vae = build_vae(codec.config, num_splits=num_splits, dim_split=axis)
     vae.load_state_dict(codec.vae.state_dict())
     return vae.to(next(codec.vae.parameters()).device).eval()
 
