@@ -8,6 +8,15 @@ frozen while the label embedding alone (18 x context_dim weights) learns to
 steer it, the way textual inversion steers a frozen text-to-image model. A
 request without labels meets exactly the text model; one with labels adds a
 token the frozen cross-attention reads.
+
+In this stage the labels are never dropped (a dropped label token is the
+frozen text model: no gradient, a wasted sample) and the text is dropped
+with probability `text_dropout` (0.5), not the text model's 0.15: with the
+report present, the report already explains the finding and the token
+learns little; asked by labels alone, the token must draw it by itself.
+A first build with the text model's dropouts drew +19 mL of effusion and +7
+of emphysema by labels alone (8 seeds), against +40 and +55 of a jointly
+trained token.
 """
 
 from __future__ import annotations
@@ -37,6 +46,8 @@ def train_label_token(
     data,
     train_config: TrainConfig,
     out_dir: Path,
+    *,
+    text_dropout: float = 0.5,
     **kwargs,
 ) -> tuple[Denoiser, TrainResult]:
     """The label embedding of `config` on top of the text-trained denoiser
@@ -58,7 +69,7 @@ def train_label_token(
     torch.nn.init.zeros_(denoiser.label_embedding.weight)
     result = train(
         denoiser,
-        LDMLoss.for_model(config),
+        LDMLoss(cond_dropout=text_dropout, label_dropout=0.0),
         data,
         train_config,
         out_dir,
