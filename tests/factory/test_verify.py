@@ -208,7 +208,6 @@ def test_options_refuse_redraws_without_a_verifier_and_carry_them_to_the_workers
     assert not isinstance(GenerateOptions(**base).sampling(), VerifiedSampling)
 
 
-@pytest.mark.skipif(not DEFAULT_VERIFIER.is_dir(), reason="no committed verifier yet")
 def test_the_committed_verifier_is_small_verified_and_judges_the_large_findings():
     sha = verify_bundle(DEFAULT_VERIFIER)
     size = sum(p.stat().st_size for p in DEFAULT_VERIFIER.rglob("*") if p.is_file())
