@@ -35,9 +35,8 @@ log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FATAL, EXIT_PARTIAL = 0, 2, 3
 BUNDLES = Path(__file__).resolve().parents[1] / "report2ct" / "bundles"
-DEFAULT_BUNDLE = BUNDLES / "demo"  # report text -> CT
-# The same recipe with the label token and a ControlNet (masks, labels alone).
-CONTROL_BUNDLE = BUNDLES / "demo-control"
+# Report text, CT-RATE labels and label maps (its ControlNet) -> CT.
+DEFAULT_BUNDLE = BUNDLES / "demo"
 RECORDS_PER_PART = 1000
 # Calls of one generation actor in flight at once: one batch samples on the
 # accelerator while the last one is written (factory.worker holds a lock
@@ -302,6 +301,7 @@ def _generate(
         bundle=bundle_uri,
         run_root=run_uri,
         sampling=options.sampling(),
+        verify=options.verification(),
         batch_size=options.batch_size,
         max_tries=options.max_task_retries + 1,
         job_id=commit.new_attempt(),

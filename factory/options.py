@@ -126,23 +126,22 @@ class GenerateOptions(BaseModel):
         }
 
     def sampling(self):
-        """The sampling subset the workers receive; with --verify, how each
-        volume is verified and redrawn too (factory.verify.VerifiedSampling)."""
+        """The sampling subset the workers receive."""
         from report2ct.pipeline import SamplingOptions  # torch: only where sampling happens
 
-        sampling = {
-            "num_steps": self.num_steps,
-            "guidance_scale": self.guidance_scale,
-            "precision": self.precision,
-            "method": self.method,
-        }
-        if self.verify is None:
-            return SamplingOptions(**sampling)
-        from factory.verify import VerifiedSampling
+        return SamplingOptions(
+            num_steps=self.num_steps,
+            guidance_scale=self.guidance_scale,
+            precision=self.precision,
+            method=self.method,
+        )
 
-        return VerifiedSampling(
-            **sampling,
-            verify=self.verify,
-            resample=self.resample,
-            drop_unverified=self.drop_unverified,
+    def verification(self):
+        """How the workers verify each volume (None: no --verify)."""
+        if self.verify is None:
+            return None
+        from factory.verify import VerifyOptions
+
+        return VerifyOptions(
+            bundle=self.verify, resample=self.resample, drop_unverified=self.drop_unverified
         )

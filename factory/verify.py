@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from report2ct.labels import CTRATE_LABELS
-from report2ct.pipeline import GenerationResult, SamplingOptions, VolumeRequest
+from report2ct.pipeline import GenerationResult, VolumeRequest
 from report2ct.rng import volume_seed
 
 # The committed verifier, and what `--verify` alone (or "default") means.
@@ -60,12 +60,12 @@ class Unverified(ValueError):
 
 
 @dataclass(frozen=True)
-class VerifiedSampling(SamplingOptions):
-    """The sampling options a worker receives, plus how to verify: `verify`
-    a verifier bundle (None: no verification), `resample` the redraws of a
-    volume that fails, `drop_unverified` what to do when none passes."""
+class VerifyOptions:
+    """How a worker verifies (`WorkerOptions.verify`; None: no --verify):
+    `bundle` the verifier bundle, `resample` the redraws of a volume that
+    fails, `drop_unverified` what to do when none passes."""
 
-    verify: str | None = None
+    bundle: str = DEFAULT
     resample: int = 0
     drop_unverified: bool = False
 
@@ -265,17 +265,17 @@ def check_delivered(key: str, verification: Mapping[str, Any] | None, *, drop: b
 def sample_step(
     draw: Callable[[list[VolumeRequest]], GenerationResult],
     ready: Sequence[Any],
-    sampling: SamplingOptions,
+    options: VerifyOptions,
     device: Any,
 ) -> GenerationResult:
     """The worker's sample step under --verify: draw and verify the batch
     `ready` (factory.worker.Prepared items), fill each item's
     `verification`, return the delivered volumes. Call holding the
     accelerator: scoring runs on it too."""
-    verifier = verifier_for(sampling.verify, str(device))
+    verifier = verifier_for(options.bundle, str(device))
     asked = [specified_labels(item.task.record.labels, item.labels) for item in ready]
     result, verifications = sample_verified(
-        draw, [item.request for item in ready], asked, verifier, resample=sampling.resample
+        draw, [item.request for item in ready], asked, verifier, resample=options.resample
     )
     for item, verification in zip(ready, verifications, strict=True):
         item.verification.clear()
@@ -284,12 +284,12 @@ def sample_step(
 
 
 def delivered(
-    key: str, verification: Mapping[str, Any], sampling: SamplingOptions, seed: int
+    key: str, verification: Mapping[str, Any], options: VerifyOptions | None, seed: int
 ) -> tuple[int, dict[str, Any] | None]:
     """(seed of the delivered draw, the verification to store with it; None
     without --verify) of a volume about to be written; raises Unverified
     for one that passed none of its draws when the job drops those."""
-    if not verification:
+    if options is None or not verification:
         return seed, None
-    check_delivered(key, verification, drop=getattr(sampling, "drop_unverified", False))
+    check_delivered(key, verification, drop=options.drop_unverified)
     return int(verification["seed"]), dict(verification)

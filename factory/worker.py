@@ -57,6 +57,7 @@ class WorkerOptions:
     bundle: str  # local directory or s3:// prefix
     run_root: str  # <out>/<run>
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    verify: verify.VerifyOptions | None = None  # --verify: score, redraw, flag or drop
     batch_size: int = 1
     nifti: bool = False
     preview: bool = False
@@ -336,10 +337,10 @@ class GenerateWorker:
             )
 
         with self.accelerator:
-            if getattr(sampling, "verify", None) is None:
+            if self.options.verify is None:
                 return draw([item.request for item in ready])
             # --verify: score, redraw failures with derived seeds (factory.verify)
-            return verify.sample_step(draw, ready, sampling, self.model.device)
+            return verify.sample_step(draw, ready, self.options.verify, self.model.device)
 
     def _prepare(self, tasks: list[VolumeTask], shape) -> tuple[list[Prepared], list[Outcome]]:
         """The requests of the tasks whose mask (if any) resolved on the
@@ -385,7 +386,7 @@ class GenerateWorker:
     ) -> Outcome:
         task, record = item.task, item.task.record
         seed, verification = verify.delivered(
-            task.key, item.verification, self.options.sampling, task.seed
+            task.key, item.verification, self.options.verify, task.seed
         )
         start = time.perf_counter()
         attempt = commit.new_attempt()

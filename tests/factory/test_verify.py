@@ -13,11 +13,11 @@ import report2ct.pipeline
 from evaluation.classifier import LabelClassifier
 from factory import commit
 from factory.options import GenerateOptions
-from factory.verify import DEFAULT_VERIFIER, VerifiedSampling, Verifier, redraw_seed
+from factory.verify import DEFAULT_VERIFIER, Verifier, VerifyOptions, redraw_seed
 from factory.worker import GenerateWorker, WorkerOptions
 from report2ct.bundle import BundleError, verify_bundle
 from report2ct.labels import CTRATE_LABELS
-from report2ct.pipeline import VolumeRequest, generate
+from report2ct.pipeline import SamplingOptions, VolumeRequest, generate
 from report2ct.rng import volume_seed
 
 REPORT = {"findings": "The heart is enlarged.", "impression": "Cardiomegaly."}
@@ -71,13 +71,13 @@ def draws(monkeypatch):
     return calls
 
 
-def worker_for(tmp_path, bundle, batch_size=1, **verification):
-    sampling = VerifiedSampling(num_steps=2, precision="fp32", **verification)
+def worker_for(tmp_path, bundle, verifier, batch_size=1, **verification):
     return GenerateWorker(
         WorkerOptions(
             bundle=str(bundle),
             run_root=str(tmp_path / "run"),
-            sampling=sampling,
+            sampling=SamplingOptions(num_steps=2, precision="fp32"),
+            verify=VerifyOptions(verifier, **verification),
             batch_size=batch_size,
             job_id="job",
         )
@@ -96,7 +96,7 @@ def record(record_id="heart", labels=ASKED, **extra):
 def test_a_volume_that_fails_every_draw_is_redrawn_k_times_then_committed_flagged(
     tmp_path, tiny_bundle, rejecting, draws
 ):
-    worker = worker_for(tmp_path, tiny_bundle, verify=str(rejecting), resample=2)
+    worker = worker_for(tmp_path, tiny_bundle, verifier=str(rejecting), resample=2)
     (outcome,) = run(worker, record())
     assert outcome["status"] == "generated", outcome
     # One draw, then two redraws with the seeds derived from the record's.
@@ -136,7 +136,7 @@ def test_with_drop_unverified_the_volume_goes_to_the_errors_with_its_scores(
     tmp_path, tiny_bundle, rejecting, draws
 ):
     worker = worker_for(
-        tmp_path, tiny_bundle, verify=str(rejecting), resample=1, drop_unverified=True
+        tmp_path, tiny_bundle, verifier=str(rejecting), resample=1, drop_unverified=True
     )
     (outcome,) = run(worker, record())
     assert outcome["status"] == "failed"
@@ -152,7 +152,7 @@ def test_with_drop_unverified_the_volume_goes_to_the_errors_with_its_scores(
 def test_a_passing_volume_is_delivered_at_once_and_an_unlabelled_record_is_not_judged(
     tmp_path, tiny_bundle, accepting, draws
 ):
-    worker = worker_for(tmp_path, tiny_bundle, batch_size=2, verify=str(accepting), resample=3)
+    worker = worker_for(tmp_path, tiny_bundle, batch_size=2, verifier=str(accepting), resample=3)
     labelled, unlabelled = run(worker, record(), record("text-only", labels={}))
     assert draws == [[11, 11]]  # one batch, no redraw
     first = labelled["entry"]["verification"]
@@ -202,10 +202,10 @@ def test_options_refuse_redraws_without_a_verifier_and_carry_them_to_the_workers
     base = {"manifest": "m.jsonl", "output": "out"}
     with pytest.raises(ValidationError, match="need verify"):
         GenerateOptions(**base, resample=2)
-    sampling = GenerateOptions(**base, verify="v/", resample=2, num_steps=3).sampling()
-    assert isinstance(sampling, VerifiedSampling)
-    assert (sampling.verify, sampling.resample, sampling.num_steps) == ("v/", 2, 3)
-    assert not isinstance(GenerateOptions(**base).sampling(), VerifiedSampling)
+    options = GenerateOptions(**base, verify="v/", resample=2, drop_unverified=True, num_steps=3)
+    assert options.verification() == VerifyOptions(bundle="v/", resample=2, drop_unverified=True)
+    assert options.sampling().num_steps == 3
+    assert GenerateOptions(**base).verification() is None
 
 
 def test_the_committed_verifier_is_small_verified_and_judges_the_large_findings():
