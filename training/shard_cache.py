@@ -31,7 +31,10 @@ Contract (for the training stages and the Ray Train integration):
   (K, x, y, z) float16 mask-class occupancy when `config.control` is set.
   The index carries `latent_scale` (1 / std of every latent value, as
   `training.caches.latent_scale_factor` computes it for the in-memory cache)
-  and the skipped volumes with their reasons.
+  and the skipped volumes with their reasons, and how the stream read the
+  volumes (`stream`: split, seed, spacing, spacing range, HU rule), so a
+  ControlNet reads each volume's label map at its latent's spacing
+  (`training.stages.MaskedLatents`).
 """
 
 from __future__ import annotations
@@ -241,7 +244,7 @@ def build_latent_shards(
                 config.vae.downsample,
             ).half()
         writer.add(sample, name=f"{name}@{item['epoch']}")
-    if writer.count:
+    if writer.stats["count"]:  # latents were added (some may wait in the last shard)
         std = std_from_stats(writer.stats)
         writer.note(
             latent_scale=float(1.0 / max(std, 1e-6)),
@@ -251,6 +254,11 @@ def build_latent_shards(
             encoders=[spec.name for spec in config.encoders],
             encoder_revisions=list(conditioner.revisions),
             shape=list(config.default_shape),
+            # How the volumes were read: a ControlNet reads their label maps the same way.
+            stream={
+                key: getattr(stream, key, None)
+                for key in ("split", "seed", "spacing", "spacing_range_mm", "hu_rule")
+            },
         )
     index = writer.close()
     log.info("latent cache %s: %d samples, %d skipped", dest, index["count"], len(index["skipped"]))
