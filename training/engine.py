@@ -11,6 +11,12 @@
   exactly: a killed run resumed gives the same next loss as an uninterrupted
   one, because the data order is a pure function of (seed, epoch) and every
   RNG is restored. `resume=False` starts the run directory afresh.
+- A data set held in memory is read in the loop's process, `dataset[i]`; a
+  streamed one (it reads volumes or shards: `num_workers` > 0, or one that
+  takes `(epoch, index)` keys, e.g. `training.data.stream.VolumeCrops`)
+  through a DataLoader whose sampler (`StreamKeys`) yields the very same
+  positions of the same shuffled stream, so the order, the batches and a
+  resume are the same either way.
 - The noise of each training sample comes from its own generator, seeded by
   (seed, step, the sample's index in the global batch): the same whatever the
   number of ranks and the micro-batch split.
@@ -39,7 +45,7 @@ import random
 import shutil
 import socket
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -302,6 +308,7 @@ def train(
     stop_after: int | None = None,
     name: str | None = None,
     on_checkpoint: Callable[[Path], None] | None = None,
+    num_workers: int = 0,
 ) -> TrainResult:
     """Train `module` to `config.steps` optimizer steps (or stop early after
     `stop_after` steps). `loss_fn(engine_module, batch, generators)` returns
@@ -309,6 +316,8 @@ def train(
     `dataset[i]` gives one sample. `name` (default: the run directory's)
     names the stage in errors. `on_checkpoint(folder)` runs on every rank
     once a checkpoint is complete on this rank's disk (e.g. to upload it).
+    `num_workers` > 0 reads the samples in that many DataLoader worker
+    processes (`micro_batches`), in the same order.
 
     A process group that already exists (Ray Train's TorchTrainer sets one
     up in each worker) is what DeepSpeed uses, its rank and size included."""
@@ -359,15 +368,21 @@ def train(
     log_file = (out_dir / "log.jsonl").open("a") if rank == 0 else None
     started, last = time.perf_counter(), step
     target = config.steps if stop_after is None else min(config.steps, step + stop_after)
+    batches = micro_batches(
+        dataset,
+        config,
+        collate,
+        start_step=step,
+        steps=target - step,
+        rank=rank,
+        world=world,
+        num_workers=num_workers,
+    )
     while step < target:
         step_loss = 0.0
         for micro in range(config.grad_accum):
-            # This rank's slice of the global batch at this step: resumable by construction.
             first = (micro * world + rank) * config.micro_batch
-            indices = batch_indices(
-                len(dataset), config.seed, step * per_step + first, config.micro_batch
-            )
-            batch = _to(collate([dataset[i] for i in indices]), engine.device, dtype)
+            batch = _to(next(batches), engine.device, dtype)
             generators = [
                 sample_generator(config.seed, step, first + j, engine.device)
                 for j in range(config.micro_batch)
@@ -417,6 +432,81 @@ def train(
     return TrainResult(
         steps=step, losses=losses, ema=ema.state_dict(engine.module), out_dir=out_dir
     )
+
+
+def takes_epoch_keys(dataset) -> bool:
+    """Whether `dataset[(epoch, index)]` is how it is read (its samples
+    differ by epoch: a streamed split's spacing and crop)."""
+    return bool(getattr(dataset, "takes_epoch_keys", False))
+
+
+def micro_batches(
+    dataset,
+    config: TrainConfig,
+    collate: Callable[[list[Any]], Any],
+    *,
+    start_step: int,
+    steps: int,
+    rank: int = 0,
+    world: int = 1,
+    num_workers: int = 0,
+) -> Iterator[Any]:
+    """This rank's micro-batches of steps [start_step, start_step + steps),
+    collated: step s, micro-batch m holds positions s * per_step +
+    (m * world + rank) * micro_batch + j of the endless shuffled stream
+    (`batch_indices`), resumable by construction. An in-memory data set is
+    read here; a streamed one (`num_workers` > 0, or `takes_epoch_keys`)
+    through a DataLoader over `StreamKeys`, the same positions as (epoch,
+    index) keys (the index alone for a data set that takes plain indices)."""
+    per_step = config.micro_batch * config.grad_accum * world
+    if num_workers == 0 and not takes_epoch_keys(dataset):
+        for step in range(start_step, start_step + steps):
+            for micro in range(config.grad_accum):
+                first = (micro * world + rank) * config.micro_batch
+                indices = batch_indices(
+                    len(dataset), config.seed, step * per_step + first, config.micro_batch
+                )
+                yield collate([dataset[i] for i in indices])
+        return
+    from torch.utils.data import DataLoader
+
+    from training.data.stream import StreamKeys
+
+    keys = StreamKeys(
+        len(dataset),
+        config.seed,
+        micro_batch=config.micro_batch,
+        grad_accum=config.grad_accum,
+        world=world,
+        rank=rank,
+        start_step=start_step,
+        steps=steps,
+    )
+    loader = DataLoader(
+        dataset if takes_epoch_keys(dataset) else _ByIndex(dataset),
+        sampler=keys,
+        batch_size=config.micro_batch,
+        collate_fn=collate,
+        num_workers=num_workers,
+        persistent_workers=False,
+        prefetch_factor=2 if num_workers else None,
+        # Its own generator: making the iterator leaves the global RNG as it was.
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+    yield from loader
+
+
+class _ByIndex:
+    """A map-style data set read by (epoch, index) keys: the index alone."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        return self.dataset[key[1]]
 
 
 def _gather_loss(loss: torch.Tensor, rank: int, world: int) -> torch.Tensor:
