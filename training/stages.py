@@ -14,10 +14,11 @@
   of the same volumes, with the same loss.
 
 Data: in memory for the demo recipe (`load_volumes`, `latent_text_cache`,
-`LatentSet.from_cache`); at paper scale streamed, with the same items:
-`training.data.stream.VolumeCrops` for the VAE, and a shard cache
-(`training.shard_cache.build_latent_shards`, read by
-`training.data.shards.LatentShards.for_model`) for the LDM and ControlNet.
+`LatentSet.from_cache`); streamed for the `train` stage runs
+(`training.runs`), with the same items: `training.data.stream.VolumeCrops`
+for the VAE, a shard cache (`training.shard_cache.build_latent_shards`, read
+by `training.data.shards.LatentShards.for_model`) for the LDM, and those
+shards with each volume's label map (`MaskedLatents`) for the ControlNet.
 """
 
 from __future__ import annotations
@@ -172,6 +173,61 @@ class LatentSet(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {name: column[index] for name, column in self.columns.items()}
+
+
+class MaskedLatents(Dataset):
+    """The ControlNet stage's data at paper scale: a latent shard cache
+    (`training.data.shards.LatentShards`, read without control) with each
+    sample's mask-class occupancy (float16, K classes at latent size) from
+    its volume's label map, read from the data set volume by volume. Sample
+    i, named "<volume>@<epoch>" by `training.shard_cache.build_latent_shards`,
+    reads its label map from `stream` (masks=True, read as the cache's stream
+    was: same seed and spacing) at that epoch, so at the spacing its latent
+    was encoded at; a spacing that differs is refused, as is a volume that is
+    not in the stream or has no label map."""
+
+    def __init__(self, shards: Dataset, stream: Dataset, config: ModelConfig) -> None:
+        if config.control is None:
+            raise ValueError("config has no control (ControlConfig): no mask classes to read")
+        if not getattr(stream, "masks", False):
+            raise ValueError("the stream must read the label maps (masks=True)")
+        self.shards, self.stream, self.config = shards, stream, config
+        self.columns = (*shards.columns, "control")
+        positions = {record.name: i for i, record in enumerate(stream.records)}
+        self.keys: list[tuple[int, int]] = []
+        for i in range(len(shards)):
+            name, _, epoch = shards.name(i).rpartition("@")
+            if name not in positions:
+                raise ValueError(
+                    f"{name}: in the latent cache {shards.source} but not in the data set "
+                    f"{stream.root}: give the data set the LDM run was trained on"
+                )
+            self.keys.append((int(epoch), positions[name]))
+        missing = [stream.records[i].name for _, i in self.keys if not stream.records[i].has_mask]
+        if missing:
+            raise ValueError(
+                f"volumes {missing[:5]} have no label map (masks/) to train a ControlNet on"
+            )
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        item = self.shards[index]
+        read = self.stream[self.keys[index]]
+        if not torch.equal(read["spacing_mm"].float(), item["spacing_mm"].float()):
+            raise ValueError(
+                f"{read['name']}: its label map reads at {read['spacing_mm'].tolist()} mm, its "
+                f"latent was encoded at {item['spacing_mm'].tolist()} mm: the stream is not "
+                "read as the latent cache's was (seed, spacing)"
+            )
+        control = self.config.control
+        item["control"] = class_occupancy(
+            to_class_index(read["mask"].numpy(), control),
+            control.num_classes,
+            self.config.vae.downsample,
+        ).half()
+        return item
 
 
 class LDMLoss:

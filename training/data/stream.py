@@ -191,6 +191,8 @@ def sample_spacing(
 class VolumeStream(Dataset):
     """A CT-RATE-layout split, one volume per item (module docstring)."""
 
+    takes_epoch_keys = True  # training.engine reads it by (epoch, index) keys
+
     def __init__(
         self,
         root: str | Path,
@@ -428,6 +430,8 @@ class VolumeCrops(Dataset):
         if any(c > n for c, n in zip(crop, stream.shape, strict=True)):
             raise ValueError(f"crop {tuple(crop)} is larger than the volumes {stream.shape}")
         self.stream, self.crop, self.seed = stream, tuple(int(c) for c in crop), seed
+
+    takes_epoch_keys = True  # training.engine reads it by (epoch, index) keys
 
     def __len__(self) -> int:
         return len(self.stream)
