@@ -26,8 +26,13 @@ Where the run lives:
   puts the checkpoint's client.json last, so a checkpoint on S3 counts
   (`training.engine.latest_checkpoint`) only once all of it is there.
 - `vae_run` / `ldm_run` on s3:// are fetched (their latest EMA weights, the
-  LDM's cache and encoders), `data` on s3:// is copied once per node
-  (`factory.storage.local_copy`): the in-memory reader needs files.
+  LDM's encoders and its latent cache's index); a ControlNet reads an s3://
+  LDM run's latent shards where they are, sample by sample. `data` on s3://
+  is read where it is too, volume by volume (`training.data.stream`), but
+  for the ControlNet's mask legend (masks/legend.json, fetched).
+- The LDM stage's latent cache goes beside the run: under an s3:// `output`
+  to `<output>/latents/` directly, built by rank 0 and read by every rank,
+  so no rank encodes the split again in its own scratch directory.
 """
 
 from __future__ import annotations
@@ -46,7 +51,15 @@ log = logging.getLogger(__name__)
 # An optimizer shard of one rank (ZeRO 1/2, or the bf16 optimizer's): that rank's to upload.
 _SHARD = re.compile(r"zero_pp_rank_(\d+)_")
 # What a fetched LDM run brings besides its EMA weights.
-LDM_RUN_FILES = ("cache.safetensors", "encoders.json", "encoders/", "model.json")
+# (latents/index.json: the latent scale and how the volumes were read; an older
+# run's cache.safetensors instead.)
+LDM_RUN_FILES = (
+    "latents/index.json",
+    "cache.safetensors",
+    "encoders.json",
+    "encoders/",
+    "model.json",
+)
 SUMMARY = "summary.json"  # a stage's run: what the job did (steps, final loss, ranks)
 MODEL = "model.json"  # a stage's run: the model config it trained (the preset with `model`)
 
@@ -124,7 +137,7 @@ def run_stage(spec) -> dict:
     with tempfile.TemporaryDirectory(prefix="ct-factory-train-") as scratch:
         scratch = Path(scratch)
         run_dir = RunDirectory(spec.output, scratch / "run", resume=spec.resume)
-        data = _local_data(spec.data)
+        data = spec.data  # streamed from where it is, local or s3://
         options = {
             "hu_rule": spec.hu_rule,
             "resume": spec.resume,
@@ -147,12 +160,21 @@ def run_stage(spec) -> dict:
                 encoders_dir=encoders_dir,
                 encoders=spec.encoders,
                 allow_remote_code=spec.allow_remote_code,
+                latents=_beside(spec.output, "latents") if run_dir.mirrored else None,
                 **options,
             )
         else:
             ldm_run = fetch_run(spec.ldm_run, scratch / "ldm_run", LDM_RUN_FILES)
+            fetched = ldm_run == scratch / "ldm_run"  # from s3://: its shards stay there
+            remote = fetched and (ldm_run / "latents/index.json").is_file()
             result = train_controlnet_run(
-                data, ldm_run, run_dir.path, config, train_config, **options
+                data,
+                ldm_run,
+                run_dir.path,
+                config,
+                train_config,
+                latents=_beside(spec.ldm_run, "latents") if remote else None,
+                **options,
             )
         rank, world = process_rank()
         summary.update(
@@ -179,6 +201,10 @@ def _demo_bundle(spec) -> dict:
         spec.output, f"{spec.output}.work", recipe, resume=spec.resume, phantoms=spec.data
     )
     return {"bundle_sha256": sha}
+
+
+def _beside(uri: str, name: str) -> str:
+    return f"{uri.rstrip('/')}/{name}"
 
 
 def _local_data(uri: str) -> Path:

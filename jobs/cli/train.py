@@ -143,7 +143,7 @@ def ldm(
     hu_rule: str = HU_RULE,
 ) -> None:
     """Train the latent diffusion model on cached VAE latents and report
-    contexts (computed once into OUT/cache.safetensors), with the label
+    contexts (computed once, volume by volume, into OUT/latents/), with the label
     token when the preset has one; resumes from OUT. The text encoders are
     copied into OUT/encoders/ first, and `train export` ships those."""
     from report2ct.config import preset as model_preset

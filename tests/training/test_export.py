@@ -69,16 +69,21 @@ def test_demo_path_exports_a_bundle_the_model_core_samples(tmp_path):
 def _model_from_runs(vae, ldm, controlnet, data, encoders_dir, *, cache=None, stored=None):
     """The trained model rebuilt from the run directories alone: each run's
     latest EMA checkpoint, the latent scale of the cache (the LDM run's), the data
-    set's mask legend, the report BERT under `encoders_dir`."""
+    set's mask legend, the report BERT under `encoders_dir`. `cache`: the
+    in-memory path's cache file; else the LDM run's shard index."""
     import dataclasses
 
     from report2ct.config import ControlConfig, preset
     from report2ct.pipeline import Report2CT
     from training.caches import load_latent_cache
     from training.data.ctrate import mask_legend
+    from training.data.shards import read_index
     from training.engine import load_ema
 
-    _, scale = load_latent_cache(cache or ldm / "cache.safetensors")
+    if cache is not None:
+        _, scale = load_latent_cache(cache)
+    else:
+        scale = read_index(str(ldm / "latents"))["latent_scale"]
     config = preset("tiny")
     config = dataclasses.replace(
         config, latent_scale=scale, control=ControlConfig(legend=mask_legend(data))
@@ -144,7 +149,9 @@ def test_stage_commands_train_vae_ldm_controlnet_then_export(tmp_path):
         ],
     )
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "ldm/cache.safetensors").exists()
+    # The latent cache as shards, one sample per training volume (5 of 6 phantoms).
+    assert json.loads((tmp_path / "ldm/latents/index.json").read_text())["count"] == 5
+    assert not (tmp_path / "ldm/cache.safetensors").exists()
     result = runner.invoke(
         app,
         [
