@@ -26,12 +26,12 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/ctfactory demo
 
-# Rebuild the committed demo-control bundle from scratch on this CPU (phantoms
-# -> report BERT -> VAE -> caches -> latent diffusion with the label token ->
-# ControlNet -> export); resumable. (`--controlnet-steps 0` leaves the
-# ControlNet out.)
+# Rebuild the committed demo bundle from scratch on this CPU (phantoms ->
+# report BERT -> VAE -> caches -> latent diffusion on the text -> the label
+# token on the frozen text model -> ControlNet -> export); resumable.
+# (`--controlnet-steps 0` leaves the ControlNet out.)
 demo-bundle: $(STAMP)
-	$(VENV)/bin/ctfactory train demo-bundle --out report2ct/bundles/demo-control --work runs/demo-build
+	$(VENV)/bin/ctfactory train demo-bundle --out report2ct/bundles/demo --work runs/demo-build
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

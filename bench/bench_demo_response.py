@@ -1,9 +1,10 @@
 """Does the demo bundle draw what it is asked for? For each finding, the
 paired response of `evaluation.response` (same seed, request with vs without
 the finding; see that module for the metrics) over --seeds seeds, asked by
-the report's text and, side by side, by the CT-RATE labels alone.
+the report's text and, side by side, by the CT-RATE labels alone and by
+both (as a CT-RATE record asks).
 
-    .venv/bin/python bench/bench_demo_response.py [--bundle DIR] [--seeds 8] [--by text labels]
+    .venv/bin/python bench/bench_demo_response.py [--bundle DIR] [--seeds 8] [--by text labels both]
 
 Prints, per finding and way of asking, the mean paired difference, its
 standard error and the fraction of seeds whose difference is positive

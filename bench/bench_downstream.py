@@ -59,9 +59,7 @@ from evaluation.downstream import (
 from report2ct.labels import CTRATE_LABELS
 
 ROOT = Path(__file__).resolve().parents[1]
-# The demo bundle with text, labels and a ControlNet: named demo-control
-# until it replaces demo.
-BUNDLES = (ROOT / "report2ct/bundles/demo-control", ROOT / "report2ct/bundles/demo")
+DEMO_BUNDLE = ROOT / "report2ct/bundles/demo"  # text, labels and a ControlNet
 GRID = {"spacing_mm": (8.0, 8.0, 10.0), "shape": (48, 48, 32)}  # evaluation.report.EvalSettings
 QUICK = {
     "n": 40,
@@ -87,15 +85,13 @@ RECORD_SEED, TEST_SEED = 20_000, 30_000  # phantom seeds: records, held-out test
 
 
 def resolve_bundle(given: str | None) -> Path:
-    """The given bundle, else the first demo bundle with a ControlNet."""
+    """The given bundle (default: the demo bundle), which must have a ControlNet."""
     from report2ct.bundle import read_config
 
-    candidates = [Path(given)] if given else [b for b in BUNDLES if (b / "config.json").exists()]
-    for path in candidates:
-        if read_config(path).control is not None:
-            return path
-    tried = ", ".join(str(p) for p in ([Path(given)] if given else BUNDLES))
-    raise SystemExit(f"no bundle with a ControlNet (mask condition) among: {tried}")
+    path = Path(given) if given else DEMO_BUNDLE
+    if read_config(path).control is None:
+        raise SystemExit(f"{path}: no ControlNet (mask condition) to draw the label maps with")
+    return path
 
 
 def load() -> str:
@@ -143,7 +139,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="the quick sizes (see above)")
-    parser.add_argument("--bundle", default=None, help="default: demo-control, else demo")
+    parser.add_argument("--bundle", default=None, help="default: report2ct/bundles/demo")
     parser.add_argument("--n", type=int, help="TSTR: records generated (and real phantoms)")
     parser.add_argument("--test", type=int, help="TSTR: held-out real test phantoms")
     parser.add_argument("--m", type=int, help="segmentation: real training pairs")

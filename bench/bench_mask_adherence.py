@@ -36,7 +36,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--bundle", default="report2ct/bundles/demo-control")
+    parser.add_argument("--bundle", default="report2ct/bundles/demo")
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--batch", type=int, default=4)

@@ -76,7 +76,7 @@ def phantom_report(seed: int, requested: dict[str, int]) -> tuple[str, str]:
     return p.findings, p.impression
 
 
-ASKED_BY = ("text", "labels")
+ASKED_BY = ("text", "labels", "both")
 
 
 def paired_response(
@@ -91,7 +91,8 @@ def paired_response(
     """(per-seed change of `finding`'s metric in mL, the normal volumes):
     the same seed's request with `finding` minus without it. `by="text"`
     asks with the phantom's report; `by="labels"` with the labels alone
-    (the rendered findings all given: the finding 1, the others 0)."""
+    (the rendered findings all given: the finding 1, the others 0);
+    `by="both"` with the report and its labels, as a CT-RATE record asks."""
     from report2ct.pipeline import VolumeRequest, generate
 
     if by not in ASKED_BY:
@@ -104,7 +105,11 @@ def paired_response(
             return VolumeRequest(seed=seed, labels=requested, spacing_mm=spacing)
         findings, impression = phantom_report(seed, requested)
         return VolumeRequest(
-            seed=seed, findings=findings, impression=impression, spacing_mm=spacing
+            seed=seed,
+            findings=findings,
+            impression=impression,
+            labels=requested if by == "both" else None,
+            spacing_mm=spacing,
         )
 
     def volumes(requested: dict[str, int]):

@@ -5,8 +5,7 @@ and phantom-style, examples/reports.jsonl) with the committed demo bundle,
 two workers, to ./out/demo, with live progress, the summary table and PNG
 previews, as a user would first meet the factory; then the control examples
 (labels alone, label maps drawn by the phantom world: examples/control.jsonl)
-with the demo-control bundle to ./out/demo-control, whose volumes carry
-their masks.
+with the same bundle to ./out/demo-control, whose volumes carry their masks.
 """
 
 from pathlib import Path
@@ -26,25 +25,21 @@ def demo(
         None, "--steps", min=1, help="sampling steps (default: the bundle's)"
     ),
 ) -> None:
-    """Generate the example reports with the demo bundles (local Ray, 2 workers)."""
+    """Generate the example manifests with the demo bundle (local Ray, 2 workers)."""
     from rich.console import Console
 
     from factory.cli_support import run_with_progress
     from factory.index import read_index
-    from factory.job import CONTROL_BUNDLE, DEFAULT_BUNDLE, GenerateOptions
+    from factory.job import DEFAULT_BUNDLE, GenerateOptions
     from factory.storage import open_storage
 
     console = Console()
-    jobs = [
-        ("demo", "reports.jsonl", DEFAULT_BUNDLE),
-        ("demo-control", "control.jsonl", CONTROL_BUNDLE),
-    ]
-    for _, _, bundle in jobs:  # both present before either job starts
-        if not (bundle / "SHA256SUMS").exists():
-            console.print(f"[red]no bundle at {bundle}[/red]: build it with `make demo-bundle`")
-            raise typer.Exit(2)
+    bundle = DEFAULT_BUNDLE
+    if not (bundle / "SHA256SUMS").exists():
+        console.print(f"[red]no bundle at {bundle}[/red]: build it with `make demo-bundle`")
+        raise typer.Exit(2)
     codes = []
-    for run, name, bundle in jobs:
+    for run, name in [("demo", "reports.jsonl"), ("demo-control", "control.jsonl")]:
         manifest = ROOT / "examples" / name
         console.print(
             f"[bold]ct-factory demo[/bold]: {manifest.relative_to(ROOT)} -> {out}/{run} "

@@ -41,7 +41,7 @@ def _setup_logging() -> None:
 @train_app.command("demo-bundle")
 def demo_bundle(
     out: Path = typer.Option(
-        Path("report2ct/bundles/demo-control"), "--out", help="bundle directory to write"
+        Path("report2ct/bundles/demo"), "--out", help="bundle directory to write"
     ),
     work: Path = typer.Option(
         Path("runs/demo-build"), "--work", help="scratch: phantoms, checkpoints, caches"

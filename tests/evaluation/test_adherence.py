@@ -65,7 +65,7 @@ def test_demo_control_bundle_follows_the_map():
     from report2ct.bundle import load_bundle
     from report2ct.pipeline import VolumeRequest, generate
 
-    model = load_bundle("report2ct/bundles/demo-control")
+    model = load_bundle("report2ct/bundles/demo")
     config = model.config
     classes = dict(config.control.legend)
     shape, spacing = config.default_shape, config.default_spacing_mm
