@@ -150,7 +150,8 @@ def on_grid(
     target_mm: tuple[float, float, float],
 ) -> np.ndarray:
     """Nearest-neighbour resample to `target_mm` over the same field of view,
-    then symmetric crop/pad (background) to `shape`."""
+    then symmetric crop/pad (background) to `shape`; a map already on that
+    grid is returned as it is (to_class_index reads any integer type)."""
     if not all(math.isfinite(s) and s > 0 for s in spacing_mm):
         raise MaskError(f"spacing {spacing_mm} mm must be finite and positive")
     resampled = [
@@ -163,6 +164,11 @@ def on_grid(
         )
     if array.dtype.kind not in "iub" and not np.all(array == np.round(array)):
         raise MaskError(f"label values must be integers (a {array.dtype} mask with fractions)")
+    on_target = all(
+        math.isclose(s, t, rel_tol=1e-6) for s, t in zip(spacing_mm, target_mm, strict=True)
+    )
+    if on_target and array.shape == tuple(shape):
+        return array  # already on the output grid: no copy, its own integer type
     tensor = torch.from_numpy(np.ascontiguousarray(array).astype(np.int64))[None]
     tensor = resample(tensor, spacing_mm, target_mm, mode="nearest")
     return crop_or_pad(tensor, shape, 0)[0].round().long().numpy()

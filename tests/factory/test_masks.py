@@ -47,6 +47,13 @@ def test_a_finer_nifti_in_lps_comes_back_exactly_on_the_output_grid(tmp_path):
     assert np.array_equal(resolved.values, truth) and resolved.provenance["sha256"] == digest
 
 
+def test_a_map_already_on_the_output_grid_is_used_as_it_is():
+    truth = phantom_mask(3)
+    assert on_grid(truth, SPACING, SHAPE, SPACING) is truth  # no int64 copy, no resample
+    moved = on_grid(truth, SPACING, SHAPE, (SPACING[0], SPACING[1], SPACING[2] * 2))
+    assert moved.shape == SHAPE and not np.array_equal(moved, truth)
+
+
 def test_a_smaller_field_of_view_is_padded_with_background_symmetrically():
     mask = np.full((8, 8, 4), 4, dtype=np.uint8)  # heart, 64 x 64 x 40 mm
     out = on_grid(mask, SPACING, SHAPE, SPACING)
