@@ -107,14 +107,14 @@ def test_the_real_path_rehearsed_from_encoders_to_generated_volumes(
     for summary in (vae, ldm, control):
         assert summary["steps"] == 2 and math.isfinite(summary["final_loss"]), summary
 
-    from safetensors.torch import load
-
     client = s3_server.client()
-    cache = load(
-        client.get_object(Bucket=s3_bucket, Key="runs/ldm/cache.safetensors")["Body"].read()
+    index = json.loads(
+        client.get_object(Bucket=s3_bucket, Key="runs/ldm/latents/index.json")["Body"].read()
     )
-    # Every quirky volume was read (none dropped), each to the grid's latent and a 2560-d context.
-    assert cache["latents"].shape == (4, 4, 8, 8, 8) and cache["contexts"].shape == (4, 2, 2560)
+    # Every quirky volume was read (none skipped), each to the grid's latent and a 2560-d context.
+    assert index["count"] == 4 and index["skipped"] == [], index["skipped"]
+    assert index["columns"]["latent"]["shape"] == [4, 8, 8, 8]
+    assert index["columns"]["context"]["shape"] == [2, 2560]
 
     from typer.testing import CliRunner
 
