@@ -61,11 +61,21 @@ def main() -> None:
 
     from evaluation.ablation import phantom_records
     from factory.verify import Verifier
-    from report2ct.bundle import read_config
+    from report2ct.bundle import read_config, verify_bundle
     from report2ct.labels import CTRATE_LABELS
 
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
+    # A rerun reuses the work folder's runs only for the same bundle and settings.
+    asked = {
+        "bundle_sha256": verify_bundle(args.bundle),
+        "verifier_sha256": Verifier.load(args.verifier).sha256,
+        **{k: v for k, v in vars(args).items() if k not in ("work", "bundle", "verifier")},
+    }
+    record = work / "asked.json"
+    if record.exists() and json.loads(record.read_text()) != asked:
+        raise SystemExit(f"{work} holds runs of another bundle or settings: give another --work")
+    record.write_text(json.dumps(asked, indent=1))
     reference = work / "reference"
     if not (reference / "metadata").exists():
         ctfactory(
@@ -107,7 +117,7 @@ def main() -> None:
 
     rows = {run: run_rows(work / "gen" / run) for run in runs}
     checks = [row["verification"] for row in rows["verified"]]
-    thresholds = Verifier.load(args.verifier).thresholds
+    thresholds = Verifier.load(args.verifier).thresholds  # the labels it judges
     judged = [name for name in CTRATE_LABELS if thresholds.get(name) is not None]
     passed = [c["passed"] for c in checks if c["passed"] is not None]
     draws = sum(c["tries"] for c in checks)
