@@ -12,7 +12,9 @@ delivered volumes against the labels asked for, and its ratio to held-out
 real phantoms) of each run, the AUROC of the labels the verifier judges,
 the verified run's pass rate and draws, and RATIO lines: fidelity with /
 without, and the extra compute per delivered volume (the runs' summed
-sample + decode + verify seconds, verified / plain).
+sample + decode + verify seconds, verified / plain). A rerun with the same
+--work reuses its reference, runs and scores, only for the same bundle,
+verifier and settings (asked.json).
 """
 
 from __future__ import annotations
