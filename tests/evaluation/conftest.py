@@ -1,9 +1,9 @@
 """Small real phantoms shared by the evaluation tests (drawn in memory, ~10 ms each)."""
 
 import pytest
-import torch
 
 from evaluation.data import phantom_cases
+from tests.threads import torch_threads
 
 # Coarse phantoms: big enough for every rendered finding class, small enough
 # that a 3D network trains in seconds on one core.
@@ -13,12 +13,8 @@ SPACING_MM = (12.0, 12.0, 13.5)
 
 @pytest.fixture(autouse=True, scope="session")
 def one_torch_thread():
-    # The test machine's cores are shared; torch's intra-op threads spinning
-    # against other processes made a 10 s training take 45-240 s (measured).
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ from report2ct.bundle import BundleError, verify_bundle
 from report2ct.labels import CTRATE_LABELS
 from report2ct.pipeline import SamplingOptions, VolumeRequest, generate
 from report2ct.rng import volume_seed
+from tests.threads import torch_threads
 
 REPORT = {"findings": "The heart is enlarged.", "impression": "Cardiomegaly."}
 ASKED = {"Cardiomegaly": 1, "Emphysema": 0}
@@ -26,14 +27,8 @@ ASKED = {"Cardiomegaly": 1, "Emphysema": 0}
 
 @pytest.fixture(autouse=True, scope="module")
 def one_torch_thread():
-    # The cores are shared: intra-op threads spinning against other processes
-    # made these seconds-long tests take minutes (as tests/evaluation found).
-    import torch
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+    with torch_threads(1):
+        yield
 
 
 def verifier_bundle(path, thresholds, seed=0):
