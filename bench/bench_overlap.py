@@ -5,8 +5,9 @@ storage, commit) generates 480x480x256 volumes, but the sampler and the
 decoder are stand-ins that sleep for a set compute time per volume (a sleep
 releases the GIL and uses no CPU, as a GPU kernel would), returning a chest
 phantom drawn once. What is left on the host inside the lock is what the
-real path does there on this CPU (per-sample noise, the int16 conversion,
-which a GPU would do on the device). `factory.job.PIPELINE_DEPTH` calls run
+real path does there on this CPU (the per-sample noise, which a GPU would
+draw on the device); the int16 conversion and the copy to the host run
+after the lock, beside the writes. `factory.job.PIPELINE_DEPTH` calls run
 at once, as Ray Data runs them in one actor, so the writes of one volume
 overlap the "sampling" of the next; the same worker then runs one call at a
 time (the serial path) for comparison.
@@ -22,11 +23,11 @@ Printed, side by side in one run:
   when the writer keeps up: pick --compute-s above the write core-seconds
   (on 2 cores the sampling thread's own CPU work competes with the writer),
   and run it on a quiet machine (other processes take the writer's cores).
-  The host work inside the lock (a few tenths of a second per volume here,
-  milliseconds on an accelerator) adds to the sampling step whatever the
-  pipeline does, so the default compute time, 8 s, keeps it near 3 % of the
-  step; RATIO overlap_vs_sampling_step (end to end over the measured step)
-  says the same at any compute time.
+  The host work inside the lock (the noise: hundredths of a second per
+  volume here, nothing on an accelerator) adds to the sampling step
+  whatever the pipeline does; RATIO overlap_vs_sampling_step (end to end
+  over the measured step) says whether the writes were hidden at any
+  compute time.
 
     python bench/bench_overlap.py [--n 6] [--compute-s 8.0] [--out DIR]
 """
@@ -203,9 +204,8 @@ def main() -> None:
     ):
         print(f"{label:<26}{getattr(serial, field):>10.2f}{getattr(piped, field):>10.2f}")
     # The sampling step holds, besides the simulated compute, the host work
-    # that an accelerator does on the device (the int16 conversion, the
-    # finiteness checks): end to end over the step says whether it waited
-    # for writes.
+    # that an accelerator does on the device (the noise): end to end over the
+    # step says whether it waited for writes.
     print(f"RATIO overlap_vs_sampling_step {piped.wall_s / piped.sampling_s:.3f}")
     print(f"RATIO serial_vs_compute {serial.wall_s / args.compute_s:.3f}")
     print(f"RATIO overlap {piped.wall_s / args.compute_s:.3f}")

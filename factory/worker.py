@@ -5,8 +5,9 @@ once and turns batches of validated records into committed volumes.
     claim   one try per volume (bounded: out of tries fails it)
     batch   group the rest by output grid, mask or not and guidance
     prepare resolve masks (CPU)
-    sample  one `generate()` call per batch, holding the accelerator lock
-            (the only step that uses the device)
+    sample  one `draw()` call per batch, holding the accelerator lock
+            (the only step that uses the device); the volumes come to the
+            host as int16 after the lock is released
     write   every output of a volume under its attempt's own folder
     commit  the commit marker, written last and once (factory.commit)
 
@@ -319,14 +320,17 @@ class GenerateWorker:
         return outcomes
 
     def _sample(self, ready: list[Prepared], shape, guidance: float | None):
-        """One `generate()` call for the batch, holding the accelerator: the
-        only step that uses the device (another call writes meanwhile)."""
-        from report2ct.pipeline import generate
+        """One `draw()` for the batch, holding the accelerator: the only step
+        that uses the device (another call writes meanwhile). The volumes
+        come to the host (int16) after the lock is released, while the next
+        batch samples; --verify scores them on the device, so it finishes
+        them inside."""
+        from report2ct.pipeline import draw
 
         sampling = self.options.sampling
 
-        def draw(requests: list[VolumeRequest]):
-            return generate(
+        def drawn(requests: list[VolumeRequest]):
+            return draw(
                 self.model,
                 requests,
                 shape=shape,
@@ -336,11 +340,18 @@ class GenerateWorker:
                 method=sampling.method,
             )
 
+        if self.options.verify is None:
+            with self.accelerator:
+                result = drawn([item.request for item in ready])
+            return result.finish()
         with self.accelerator:
-            if self.options.verify is None:
-                return draw([item.request for item in ready])
             # --verify: score, redraw failures with derived seeds (factory.verify)
-            return verify.sample_step(draw, ready, self.options.verify, self.model.device)
+            return verify.sample_step(
+                lambda requests: drawn(requests).finish(),
+                ready,
+                self.options.verify,
+                self.model.device,
+            )
 
     def _prepare(self, tasks: list[VolumeTask], shape) -> tuple[list[Prepared], list[Outcome]]:
         """The requests of the tasks whose mask (if any) resolved on the

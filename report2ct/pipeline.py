@@ -7,6 +7,8 @@
 
 `generate` = text encoding (cached) -> per-sample noise -> guided sampling of
 latents under autocast -> decode (tiled when large, by the codec) -> int16 HU.
+It is `draw` (the device's part) then `Drawn.finish` (int16 HU on the host),
+for callers that overlap the two (the factory's worker).
 A request may give its report, its CT-RATE labels, or both (when the model
 has the label condition), and a label map on the output grid (when the model
 has a ControlNet): `VolumeRequest(..., labels={"Pleural effusion": 1},
@@ -155,7 +157,7 @@ class SamplingOptions:
 @dataclass
 class GenerationResult:
     volumes_hu: np.ndarray  # (B, X, Y, Z) int16
-    timings_s: dict[str, float]  # text, sample, decode
+    timings_s: dict[str, float]  # text, sample, decode (on the device), host (to int16 there)
     shape: Shape
     spacings_mm: list[Spacing]
     seeds: list[int]
@@ -187,7 +189,41 @@ def schedule(config: ModelConfig, num_steps: int, latent_shape: Sequence[int]) -
     return linear_times(num_steps)
 
 
-@torch.inference_mode()
+@dataclass
+class Drawn:
+    """Volumes as the device decoded them (float HU, still on the device):
+    what `draw` returns while it holds the accelerator. `finish()` does the
+    rest (finiteness check, rounding to int16, the copy to the host), so a
+    caller that pipelines can run it while the next batch samples."""
+
+    decoded: list[torch.Tensor]  # per volume (X, Y, Z) float HU, on the model's device
+    timings_s: dict[str, float]  # text, sample, decode
+    shape: Shape
+    spacings_mm: list[Spacing]
+    seeds: list[int]
+    sampler: dict[str, Any] = field(default_factory=dict)
+
+    @torch.inference_mode()
+    def finish(self) -> GenerationResult:
+        """The int16 HU volumes on the host; NonFiniteOutput names any
+        volume the model turned to NaN/Inf."""
+        start = time.perf_counter()
+        volumes = np.empty((len(self.decoded), *self.shape), dtype=np.int16)
+        for i, hu in enumerate(self.decoded):
+            _check_finite(hu[None], "decoded volume", first_index=i)
+            # The codec keeps HU inside its window, well within int16.
+            volumes[i] = hu.round().to(torch.int16).cpu().numpy()
+        self.decoded = []  # the device memory goes with the last reference
+        return GenerationResult(
+            volumes_hu=volumes,
+            timings_s={**self.timings_s, "host": time.perf_counter() - start},
+            shape=self.shape,
+            spacings_mm=self.spacings_mm,
+            seeds=self.seeds,
+            sampler=self.sampler,
+        )
+
+
 def generate(
     model: Report2CT,
     requests: Sequence[VolumeRequest],
@@ -200,6 +236,30 @@ def generate(
 ) -> GenerationResult:
     """Sample one int16 HU volume of `shape` (default: the model's) per
     request. Steps, guidance and method default to the bundle's sampler."""
+    return draw(
+        model,
+        requests,
+        shape=shape,
+        num_steps=num_steps,
+        guidance_scale=guidance_scale,
+        precision=precision,
+        method=method,
+    ).finish()
+
+
+@torch.inference_mode()
+def draw(
+    model: Report2CT,
+    requests: Sequence[VolumeRequest],
+    *,
+    shape: Shape | None = None,
+    num_steps: int | None = None,
+    guidance_scale: float | None = None,
+    precision: Precision = "bf16",
+    method: SamplerMethod | None = None,
+) -> Drawn:
+    """The device's part of `generate`: condition, sample and decode, the
+    volumes left on the device (see `Drawn.finish`)."""
     config = model.config
     if not requests:
         raise ValueError("generate needs at least one request")
@@ -229,17 +289,16 @@ def generate(
     timings["sample"] = _elapsed(start, device)
 
     start = time.perf_counter()
-    volumes = np.empty((len(requests), *shape), dtype=np.int16)
     with autocast(device, precision):
-        for i in range(len(requests)):  # one at a time: bounded memory, batch-independent
-            hu = model.codec.decode_volume(latents[i : i + 1])[0, 0].float()
-            _check_finite(hu[None], "decoded volume", first_index=i)
-            # The codec keeps HU inside its window, well within int16.
-            volumes[i] = hu.round().to(torch.int16).cpu().numpy()
+        # One at a time: bounded memory, batch-independent.
+        decoded = [
+            model.codec.decode_volume(latents[i : i + 1])[0, 0].float()
+            for i in range(len(requests))
+        ]
     timings["decode"] = _elapsed(start, device)
 
-    return GenerationResult(
-        volumes_hu=volumes,
+    return Drawn(
+        decoded=decoded,
         timings_s=timings,
         shape=shape,
         spacings_mm=spacings,

@@ -114,7 +114,7 @@ def test_manifest_on_s3_to_committed_ome_zarr_on_s3(s3_server, s3_bucket, ray_lo
     summary = json.loads(
         s3_server.client().get_object(Bucket=s3_bucket, Key="out/batch/summary.json")["Body"].read()
     )
-    assert set(summary["seconds"]["time_split"]) == {"text", "sample", "decode", "write"}
+    assert set(summary["seconds"]["time_split"]) == {"text", "sample", "decode", "host", "write"}
     assert summary["volumes_per_hour"] > 0
 
 

@@ -122,3 +122,29 @@ def test_a_volume_committed_by_a_killed_try_of_this_job_counts_as_generated(work
     rerun = outcome(worker, "once")
     assert rerun["status"] == "skipped" and rerun["entry"] == first["entry"]
     assert commit.read_commit(worker.run, "once")["job_id"] == "job-1"
+
+
+def test_volumes_come_to_the_host_after_the_accelerator_is_released(worker, monkeypatch):
+    """The int16 conversion and the copy to the host run outside the lock,
+    while the next batch can sample; a NaN volume found there still fails
+    its record (with the reason), never committed."""
+    from report2ct.pipeline import Drawn
+
+    finish, locked = Drawn.finish, []
+
+    def watched(drawn):
+        locked.append(worker.accelerator.locked())
+        return finish(drawn)
+
+    monkeypatch.setattr(Drawn, "finish", watched)
+    assert outcome(worker, "clean")["status"] == "generated"
+    assert locked == [False]
+
+    def poisoned(drawn):
+        drawn.decoded = [hu * float("nan") for hu in drawn.decoded]
+        return finish(drawn)
+
+    monkeypatch.setattr(Drawn, "finish", poisoned)
+    failed = outcome(worker, "nan")
+    assert failed["status"] == "failed" and "NaN/Inf" in failed["reason"]
+    assert commit.read_commit(worker.run, "nan") is None

@@ -55,14 +55,15 @@ def accepting(tmp_path_factory):
 
 @pytest.fixture
 def draws(monkeypatch):
-    """The seeds of every generate() call the worker makes, call by call."""
+    """The seeds of every draw() call the worker makes, call by call."""
     calls = []
+    draw = report2ct.pipeline.draw
 
     def counting(model, requests, **kwargs):
         calls.append([r.seed for r in requests])
-        return generate(model, requests, **kwargs)
+        return draw(model, requests, **kwargs)
 
-    monkeypatch.setattr(report2ct.pipeline, "generate", counting)
+    monkeypatch.setattr(report2ct.pipeline, "draw", counting)
     return calls
 
 

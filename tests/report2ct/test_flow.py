@@ -107,7 +107,7 @@ def test_generate_shapes_precisions_and_timings(tiny_model):
         assert result.volumes_hu.shape == (1, 32, 32, 16)
         assert result.volumes_hu.dtype == np.int16
         assert result.volumes_hu.min() >= -1000 and result.volumes_hu.max() <= 1000
-        assert set(result.timings_s) == {"text", "sample", "decode"}
+        assert set(result.timings_s) == {"text", "sample", "decode", "host"}
     with pytest.raises(ValueError, match="precision"):
         generate(tiny_model, [normal], precision="int4")
     with pytest.raises(ValueError, match="outside the model's range"):
