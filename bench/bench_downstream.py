@@ -9,9 +9,13 @@ and without generated data and scored on the same held-out real phantoms
   classifier seeds. `RATIO tstr` = synthetic-trained / real-trained.
 - Segmentation: a small MONAI 3D UNet trained on M real (image, mask) pairs,
   against the same M plus k*M generated pairs (a generated volume and the
-  label map the factory conditioned it on, from its control manifest); MONAI
-  Dice on S held-out real phantoms (classes: lung, heart, aorta, liver, spine,
-  pleural effusion), mean over the seeds. `DICE_GAIN` = with - without.
+  label map the factory conditioned it on, from its control manifest), used
+  two ways with the same optimizer steps as their real-only arm: mixed into
+  the M (against the M alone), and as a first phase before the M (against
+  a first phase on the M too). MONAI Dice on S held-out real phantoms
+  (classes: lung, heart, aorta, liver, spine, pleural effusion), mean over
+  the seeds. `DICE_GAIN_mixed` and `DICE_GAIN` (the pretrained way) = with -
+  without.
 
 Generation is the real factory path: a `ctfactory generate` job (Ray, one
 worker, the bundle's sampler) over a JSONL manifest whose records carry each
@@ -25,12 +29,12 @@ to carry its real phantom's labels and label map before anything trains.
 Sizes: --quick is N=40 records (40 generated volumes), T=60 classifier test
 phantoms, classifier seeds 0 1 2 at 20 epochs; M=4 real + k*M=8 generated
 segmentation pairs, S=16 test phantoms, segmenter seeds 0 1 at 200 steps of
-batch 4 (estimated ~12 min on an idle 2-core CPU from its parts' CPU cost;
-under heavy load far longer: report `uptime` with the figures). Both
+batch 4 per phase (about 18 min on an idle 2-core CPU; under heavy load far
+longer: report `uptime` with the figures). Both
 networks work on the evaluation's common grid, 48x48x32 at 8x8x10 mm. The
 full default is N=160, T=120, M=8, k=4, S=24, 400 segmenter steps, 3 seeds.
-Every size is also a flag. Last lines: `RATIO tstr <value>` and
-`DICE_GAIN <value>`.
+Every size is also a flag. Last lines: `RATIO tstr <value>`,
+`DICE_GAIN_mixed <value>` and `DICE_GAIN <value>`.
 """
 
 from __future__ import annotations
@@ -145,7 +149,9 @@ def main() -> None:
     parser.add_argument("--m", type=int, help="segmentation: real training pairs")
     parser.add_argument("--k", type=int, help="segmentation: generated pairs per real pair")
     parser.add_argument("--seg-test", type=int, help="segmentation: held-out test phantoms")
-    parser.add_argument("--seg-steps", type=int, help="segmenter optimizer steps (each arm)")
+    parser.add_argument(
+        "--seg-steps", type=int, help="segmenter optimizer steps (each phase of each arm)"
+    )
     parser.add_argument("--cls-epochs", type=int, default=20, help="classifier epochs over N")
     parser.add_argument("--cls-seeds", type=int, nargs="+")
     parser.add_argument("--seg-seeds", type=int, nargs="+")
@@ -255,6 +261,17 @@ def main() -> None:
     )
     for row in arm_rows(seg["arms"]):
         print("  " + row)
+    pairs = {"mixed": ("real+generated", "real"), "pretrained": ("generated, real", "real, real")}
+    for way, (with_, without) in pairs.items():
+        per_seed = [
+            a - b
+            for a, b in zip(seg["arms"][with_].per_seed, seg["arms"][without].per_seed, strict=True)
+        ]
+        print(
+            f"  gain {way:10s} ({with_} - {without}) per seed "
+            + " ".join(f"{d:+.3f}" for d in per_seed)
+            + f"  mean {seg['gains'][way]:+.3f}"
+        )
     print(f"  {'class':36s} " + " ".join(f"{name:>15s}" for name in seg["arms"]))
     for name in SEG_CLASSES:
         values = [a.per_label[name] for a in seg["arms"].values()]
@@ -272,17 +289,20 @@ def main() -> None:
             "wall_s": wall,
             "tstr": {"ratio": result["ratio"], "arms": {a: vars(v) for a, v in arms.items()}},
             "segmentation": {
-                "gain": seg["gain"],
+                "gains": seg["gains"],
                 "arms": {a: vars(v) for a, v in seg["arms"].items()},
             },
         }
         Path(args.json).write_text(json.dumps(figures, indent=2))
+    seg_arms = seg["arms"]
     print(
         f"macro AUROC synthetic-trained {arms['synthetic'].mean:.3f} / real-trained "
-        f"{arms['real'].mean:.3f}; Dice real+generated "
-        f"{seg['arms']['real+generated'].mean:.3f} - real {seg['arms']['real'].mean:.3f}"
+        f"{arms['real'].mean:.3f}; Dice real+generated {seg_arms['real+generated'].mean:.3f} - "
+        f"real {seg_arms['real'].mean:.3f}; generated, real {seg_arms['generated, real'].mean:.3f}"
+        f" - real, real {seg_arms['real, real'].mean:.3f}"
     )
     print(f"RATIO tstr {result['ratio']:.3f}")
+    print(f"DICE_GAIN_mixed {seg['gains']['mixed']:+.3f}")
     print(f"DICE_GAIN {seg['gain']:+.3f}")
     sys.stdout.flush()
 

@@ -10,8 +10,9 @@ optimizer steps), so every figure can come out either way:
   on held-out real phantoms. `tstr(...)["ratio"]` is synthetic / real.
 - Segmentation: a small MONAI 3D UNet trained on real (image, mask) pairs
   against the same pairs plus generated ones (a generated volume paired with
-  the label map it was conditioned on), scored by MONAI's Dice on held-out
-  real phantoms. `segmentation_gain(...)["gain"]` is with - without.
+  the label map it was conditioned on), mixed, or first on the generated
+  pairs and then on the real ones; scored by MONAI's Dice on held-out real
+  phantoms. `segmentation_gain(...)["gains"]` is with - without, each way.
 
 The phantom side: `report_phantoms` draws phantoms whose label map is exactly
 the one the factory draws for their manifest record (`phantom_record`:
@@ -316,15 +317,18 @@ def train_segmenter(
     lr: float = 3e-3,
     seed: int = 0,
     channels: Sequence[int] = (8, 16, 32, 64),
+    model: UNet | None = None,
 ) -> UNet:
     """`steps` AdamW steps of Dice + cross-entropy on random batches (drawn
     with `seed`), each volume flipped left/right at random (the phantom
-    world's anatomy classes are the same on either side)."""
+    world's anatomy classes are the same on either side). From a fresh
+    network, or on from `model` (a second phase: a fresh optimizer and
+    schedule, the weights carried over)."""
     if len(images) != len(labels) or len(images) == 0:
         raise ValueError(f"{len(images)} images and {len(labels)} label maps: need equal, > 0")
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    model = make_segmenter(num_classes, channels)
+    model = make_segmenter(num_classes, channels) if model is None else model
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
@@ -374,32 +378,45 @@ def macro_dice(per_class: np.ndarray) -> float:
     return float(finite.mean()) if finite.size else math.nan
 
 
+@dataclass(frozen=True)
+class Phase:
+    """One training phase of a segmentation arm: its data, steps and peak
+    learning rate."""
+
+    data: tuple[torch.Tensor, torch.Tensor]
+    steps: int
+    lr: float = 3e-3
+
+
 def segmentation_arm(
     name: str,
-    train: tuple[torch.Tensor, torch.Tensor],
+    phases: Sequence[Phase],
     test: tuple[torch.Tensor, torch.Tensor],
     *,
     classes: Sequence[str] = SEG_CLASSES,
     seeds: Sequence[int],
-    steps: int,
     batch_size: int = 4,
-    lr: float = 3e-3,
     channels: Sequence[int] = (8, 16, 32, 64),
 ) -> Arm:
-    """Train a segmenter on `train` once per seed; macro Dice on `test` per
-    seed and per class (mean over seeds)."""
-    arm = Arm(name, len(train[0]), epochs=0, steps=steps)
+    """Train a segmenter through `phases` (each on from the last) once per
+    seed; macro Dice on `test` per seed and per class (mean over seeds)."""
+    steps = sum(phase.steps for phase in phases)
+    distinct = {id(phase.data): len(phase.data[0]) for phase in phases}
+    arm = Arm(name, sum(distinct.values()), epochs=0, steps=steps)
     tables = []
     for seed in seeds:
-        model = train_segmenter(
-            *train,
-            num_classes=len(classes),
-            steps=steps,
-            batch_size=batch_size,
-            lr=lr,
-            seed=seed,
-            channels=channels,
-        )
+        model = None
+        for phase in phases:
+            model = train_segmenter(
+                *phase.data,
+                num_classes=len(classes),
+                steps=phase.steps,
+                batch_size=batch_size,
+                lr=phase.lr,
+                seed=seed,
+                channels=channels,
+                model=model,
+            )
         per_class = dice_per_class(predict_labels(model, test[0]), test[1], len(classes))
         tables.append(per_class)
         arm.per_seed.append(macro_dice(per_class))
@@ -410,20 +427,41 @@ def segmentation_arm(
     return arm
 
 
+FINE_TUNE_LR = 1e-3  # the second phase's peak learning rate (the first's is 3e-3)
+
+
 def segmentation_gain(
     real: tuple[torch.Tensor, torch.Tensor],
     generated: tuple[torch.Tensor, torch.Tensor],
     test: tuple[torch.Tensor, torch.Tensor],
+    *,
+    steps: int,
     **arm_args: Any,
 ) -> dict[str, Any]:
-    """Arms "real" and "real+generated" (same seeds, steps, test set);
-    `gain` = mean macro Dice with generated - without."""
+    """Two ways to use generated pairs, each against real pairs alone with
+    the same seeds, test set and optimizer steps:
+
+    - mixed: `steps` on real + generated together, against `steps` on real
+      ("real", "real+generated");
+    - pretrained: `steps` on generated, then `steps` on real (a fresh
+      schedule at FINE_TUNE_LR), against the same two phases both on real
+      ("real, real", "generated, real").
+
+    `gains` = Dice with generated - without, per way; `gain` is the
+    pretrained one. Every arm and both gains are reported."""
     both = tuple(torch.cat([a, b]) for a, b in zip(real, generated, strict=True))
     arms = {
-        "real": segmentation_arm("real", real, test, **arm_args),
-        "real+generated": segmentation_arm("real+generated", both, test, **arm_args),
+        "real": [Phase(real, steps)],
+        "real+generated": [Phase(both, steps)],
+        "real, real": [Phase(real, steps), Phase(real, steps, FINE_TUNE_LR)],
+        "generated, real": [Phase(generated, steps), Phase(real, steps, FINE_TUNE_LR)],
     }
-    return {"arms": arms, "gain": arms["real+generated"].mean - arms["real"].mean}
+    arms = {name: segmentation_arm(name, phases, test, **arm_args) for name, phases in arms.items()}
+    gains = {
+        "mixed": arms["real+generated"].mean - arms["real"].mean,
+        "pretrained": arms["generated, real"].mean - arms["real, real"].mean,
+    }
+    return {"arms": arms, "gains": gains, "gain": gains["pretrained"]}
 
 
 def arm_rows(arms: Mapping[str, Arm]) -> list[str]:

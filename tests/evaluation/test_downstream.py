@@ -1,8 +1,8 @@
 """The downstream bench's metric code on cases with known answers: identical
 training sets give a TSTR ratio of exactly 1, a segmenter that outputs the
 true masks scores Dice 1 (one that outputs the wrong class 0), hand-counted
-Dice, masks and images on one grid, and phantom/record pairs whose map is the
-one the factory draws."""
+Dice, masks and images on one grid, phantom/record pairs whose map is the
+one the factory draws, and segmentation arms that differ only in their data."""
 
 import dataclasses
 import math
@@ -22,6 +22,8 @@ from evaluation.downstream import (
     predict_labels,
     report_phantoms,
     seg_tensors,
+    segmentation_gain,
+    train_segmenter,
     tstr,
 )
 from factory.manifest import ManifestRecord
@@ -137,3 +139,41 @@ def test_pairing_errors_name_the_record(tiny_pool):
     moved = dataclasses.replace(real[2], mask=np.roll(real[2].mask, 2, axis=0))
     with pytest.raises(ValueError, match="record ds-2: the generated volume's mask"):
         check_pairs(real, [real[0], real[1], moved])
+
+
+SEG_GRID = {"shape": (16, 16, 16), "spacing_mm": (16.0, 16.0, 20.0)}
+
+
+def test_a_second_phase_trains_on_from_the_first(tiny_pool):
+    images, labels = seg_tensors([p.case for p in tiny_pool[:4]], **SEG_GRID)
+    small = {"num_classes": len(SEG_CLASSES), "channels": (4, 8), "seed": 0}
+    first = train_segmenter(images, labels, steps=2, **small)
+    before = {k: v.clone() for k, v in first.state_dict().items()}
+    second = train_segmenter(images, labels, steps=1, model=first, **small)
+    assert second is first
+    assert any(not torch.equal(before[k], v) for k, v in second.state_dict().items())
+    fresh = train_segmenter(images, labels, steps=1, **small)
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(fresh.state_dict().values(), second.state_dict().values(), strict=True)
+    )
+
+
+def test_pretraining_on_a_copy_of_the_real_pairs_gains_exactly_nothing(tiny_pool):
+    """Arms differ only in their data: with "generated" pairs that are the
+    real ones, the pretrained way's two arms train identically."""
+    real = seg_tensors([p.case for p in tiny_pool[:4]], **SEG_GRID)
+    test = seg_tensors([p.case for p in tiny_pool[4:8]], **SEG_GRID)
+    copy = tuple(t.clone() for t in real)
+    result = segmentation_gain(real, copy, test, steps=2, seeds=[0], channels=(4, 8))
+    arms = result["arms"]
+    assert result["gains"]["pretrained"] == 0.0 and result["gain"] == 0.0
+    assert arms["generated, real"].per_seed == arms["real, real"].per_seed
+    assert {name: arm.steps for name, arm in arms.items()} == {
+        "real": 2,
+        "real+generated": 2,
+        "real, real": 4,
+        "generated, real": 4,
+    }
+    assert arms["real+generated"].n_train == 8 and arms["real, real"].n_train == 4
+    assert math.isfinite(result["gains"]["mixed"])
