@@ -56,7 +56,7 @@ def test_someone_elses_mask_scores_far_lower(phantoms):
 
 
 @pytest.mark.slow
-def test_demo_control_bundle_follows_the_map():
+def test_demo_bundle_controlnet_follows_the_map():
     """Measured with bench/bench_mask_adherence.py over 16 phantoms: see
     docs/masks.md. Here two phantoms' maps: the ControlNet puts tissue where
     the map says far better than the same request without it, and about as
