@@ -29,7 +29,7 @@ to carry its real phantom's labels and label map before anything trains.
 Sizes: --quick is N=40 records (40 generated volumes), T=60 classifier test
 phantoms, classifier seeds 0 1 2 at 20 epochs; M=4 real + k*M=8 generated
 segmentation pairs, S=16 test phantoms, segmenter seeds 0 1 at 200 steps of
-batch 4 per phase (about 18 min on an idle 2-core CPU; under heavy load far
+batch 4 per phase (about 17 min on an idle 2-core CPU; under heavy load far
 longer: report `uptime` with the figures). Both
 networks work on the evaluation's common grid, 48x48x32 at 8x8x10 mm. The
 full default is N=160, T=120, M=8, k=4, S=24, 400 segmenter steps, 3 seeds.
@@ -53,6 +53,7 @@ import torch
 from evaluation.data import generated_cases
 from evaluation.downstream import (
     SEG_CLASSES,
+    WAYS,
     arm_rows,
     check_pairs,
     report_phantoms,
@@ -261,8 +262,7 @@ def main() -> None:
     )
     for row in arm_rows(seg["arms"]):
         print("  " + row)
-    pairs = {"mixed": ("real+generated", "real"), "pretrained": ("generated, real", "real, real")}
-    for way, (with_, without) in pairs.items():
+    for way, (with_, without) in WAYS.items():
         per_seed = [
             a - b
             for a, b in zip(seg["arms"][with_].per_seed, seg["arms"][without].per_seed, strict=True)

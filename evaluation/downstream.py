@@ -428,6 +428,11 @@ def segmentation_arm(
 
 
 FINE_TUNE_LR = 1e-3  # the second phase's peak learning rate (the first's is 3e-3)
+# Each way of using generated pairs: (the arm with them, the arm without).
+WAYS: dict[str, tuple[str, str]] = {
+    "mixed": ("real+generated", "real"),
+    "pretrained": ("generated, real", "real, real"),
+}
 
 
 def segmentation_gain(
@@ -457,10 +462,7 @@ def segmentation_gain(
         "generated, real": [Phase(generated, steps), Phase(real, steps, FINE_TUNE_LR)],
     }
     arms = {name: segmentation_arm(name, phases, test, **arm_args) for name, phases in arms.items()}
-    gains = {
-        "mixed": arms["real+generated"].mean - arms["real"].mean,
-        "pretrained": arms["generated, real"].mean - arms["real, real"].mean,
-    }
+    gains = {way: arms[with_].mean - arms[without].mean for way, (with_, without) in WAYS.items()}
     return {"arms": arms, "gains": gains, "gain": gains["pretrained"]}
 
 
