@@ -167,12 +167,21 @@ def build_demo_bundle(
         nonlocal mark
         now = time.time()
         timings[name] = spent.get(name, 0.0) + (now - mark)
+        log.info("demo bundle: %s stage done in %.0f s", name.removesuffix("_s"), now - mark)
         mark = now
         ledger.parent.mkdir(parents=True, exist_ok=True)
         ledger.write_text(json.dumps({**spent, **timings}, indent=2))
 
     data = Path(phantoms) if phantoms is not None else work / "phantoms"
     if not (data / "masks" / "legend.json").exists():
+        written = 0
+
+        def progress() -> None:
+            nonlocal written
+            written += 1
+            if written % 50 == 0 or written == recipe.phantoms:
+                log.info("demo bundle: %d/%d phantoms written", written, recipe.phantoms)
+
         write_dataset(
             data,
             DatasetSpec(
@@ -182,6 +191,7 @@ def build_demo_bundle(
                 spacing_mm=config.default_spacing_mm,
             ),
             workers=2,
+            on_progress=progress,
         )
     volumes, conditions = load_volumes(data, config, masks=recipe.control is not None)
     lap("phantoms_s")
