@@ -2,9 +2,12 @@
 paired response of `evaluation.response` (same seed, request with vs without
 the finding; see that module for the metrics) over --seeds seeds, asked by
 the report's text and, side by side, by the CT-RATE labels alone and by
-both (as a CT-RATE record asks).
+both (as a CT-RATE record asks); `--by findings impression` states the
+finding in one text field only (the other the normal report's), to see which
+context token carries its response.
 
     .venv/bin/python bench/bench_demo_response.py [--bundle DIR] [--seeds 8] [--by text labels both]
+        [--findings Emphysema ...]
 
 Prints, per finding and way of asking, the mean paired difference, its
 standard error and the fraction of seeds whose difference is positive
@@ -17,7 +20,7 @@ import argparse
 
 import numpy as np
 
-from evaluation.response import ASKED_BY, FINDINGS, paired_response
+from evaluation.response import ASKED_BY, FINDINGS, WAYS, paired_response
 from report2ct.bundle import load_bundle
 
 
@@ -28,7 +31,8 @@ def main() -> None:
     parser.add_argument("--bundle", default="report2ct/bundles/demo")
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--by", nargs="+", choices=ASKED_BY, default=None)
+    parser.add_argument("--by", nargs="+", choices=WAYS, default=None)
+    parser.add_argument("--findings", nargs="+", choices=FINDINGS, default=FINDINGS)
     args = parser.parse_args()
     model = load_bundle(args.bundle)
     by = args.by or (ASKED_BY if model.config.label_condition else ("text",))
@@ -36,7 +40,7 @@ def main() -> None:
     fractions = {}
     for way in by:
         normal = None
-        for name in FINDINGS:
+        for name in args.findings:
             diffs, normal = paired_response(
                 model, name, seeds, num_steps=args.steps, normal=normal, by=way
             )
@@ -48,8 +52,8 @@ def main() -> None:
             )
             print(f"RATIO {way}_{name.lower().replace(' ', '_')}_more_fraction {more:.2f}")
     if {"text", "labels"} <= set(by):
-        text = np.mean([fractions["text", n] for n in FINDINGS])
-        labels = np.mean([fractions["labels", n] for n in FINDINGS])
+        text = np.mean([fractions["text", n] for n in args.findings])
+        labels = np.mean([fractions["labels", n] for n in args.findings])
         print(f"RATIO labels_vs_text_more_fraction {labels / max(text, 1e-9):.2f}")
 
 

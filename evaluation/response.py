@@ -77,6 +77,38 @@ def phantom_report(seed: int, requested: dict[str, int]) -> tuple[str, str]:
 
 
 ASKED_BY = ("text", "labels", "both")
+# The finding stated in one text field only, the other field the normal
+# report's: which of the two context tokens carries a finding's response.
+TEXT_PARTS = ("findings", "impression")
+WAYS = ASKED_BY + TEXT_PARTS
+
+
+def response_request(seed: int, requested: dict[str, int], *, by: str, spacing_mm):
+    """The request of phantom `seed` with `requested` findings, asked `by`
+    one of WAYS: "text" with the phantom's report; "labels" with the labels
+    alone (the rendered findings all given); "both" with the report and its
+    labels, as a CT-RATE record asks; "findings" / "impression" with that
+    field of the report and the other field of the normal report."""
+    from report2ct.pipeline import VolumeRequest
+
+    if by not in WAYS:
+        raise ValueError(f"by must be one of {WAYS}, got {by!r}")
+    if by == "labels":
+        return VolumeRequest(seed=seed, labels=requested, spacing_mm=spacing_mm)
+    findings, impression = phantom_report(seed, requested)
+    if by in TEXT_PARTS:
+        normal_findings, normal_impression = phantom_report(seed, NONE)
+        if by == "findings":
+            impression = normal_impression
+        else:
+            findings = normal_findings
+    return VolumeRequest(
+        seed=seed,
+        findings=findings,
+        impression=impression,
+        labels=requested if by == "both" else None,
+        spacing_mm=spacing_mm,
+    )
 
 
 def paired_response(
@@ -89,31 +121,15 @@ def paired_response(
     by: str = "text",
 ) -> tuple[np.ndarray, np.ndarray]:
     """(per-seed change of `finding`'s metric in mL, the normal volumes):
-    the same seed's request with `finding` minus without it. `by="text"`
-    asks with the phantom's report; `by="labels"` with the labels alone
-    (the rendered findings all given: the finding 1, the others 0);
-    `by="both"` with the report and its labels, as a CT-RATE record asks."""
-    from report2ct.pipeline import VolumeRequest, generate
+    the same seed's request with `finding` minus without it, asked `by` one
+    of WAYS (see `response_request`)."""
+    from report2ct.pipeline import generate
 
-    if by not in ASKED_BY:
-        raise ValueError(f"by must be one of {ASKED_BY}, got {by!r}")
     spacing = model.config.default_spacing_mm
     voxel_ml = float(np.prod(spacing)) / 1000
 
-    def request(seed: int, requested: dict[str, int]) -> VolumeRequest:
-        if by == "labels":
-            return VolumeRequest(seed=seed, labels=requested, spacing_mm=spacing)
-        findings, impression = phantom_report(seed, requested)
-        return VolumeRequest(
-            seed=seed,
-            findings=findings,
-            impression=impression,
-            labels=requested if by == "both" else None,
-            spacing_mm=spacing,
-        )
-
     def volumes(requested: dict[str, int]):
-        requests = [request(seed, requested) for seed in seeds]
+        requests = [response_request(s, requested, by=by, spacing_mm=spacing) for s in seeds]
         return generate(model, requests, num_steps=num_steps).volumes_hu
 
     if normal is None:

@@ -4,7 +4,16 @@ truth is drawn), then the committed demo bundle must show its findings."""
 import numpy as np
 import pytest
 
-from evaluation.response import FINDINGS, NONE, metric, paired_response, regions
+from evaluation.response import (
+    FINDINGS,
+    NONE,
+    WAYS,
+    metric,
+    paired_response,
+    phantom_report,
+    regions,
+    response_request,
+)
 from phantom.world import make_phantom
 
 
@@ -22,6 +31,33 @@ def test_each_metric_sees_its_finding_on_real_phantoms(finding):
             > metric(finding, normal.volume_hu, region, ml)
         )
     assert all(more), (finding, more)
+
+
+def test_each_way_asks_the_finding_where_it_says():
+    spacing = (4.0, 4.0, 5.0)
+    sick = {**NONE, "Emphysema": 1}
+    normal_findings, normal_impression = phantom_report(3, NONE)
+    findings, impression = phantom_report(3, sick)
+    assert findings != normal_findings and impression != normal_impression
+    asked = {by: response_request(3, sick, by=by, spacing_mm=spacing) for by in WAYS}
+    assert (asked["text"].findings, asked["text"].impression) == (findings, impression)
+    assert asked["text"].labels is None and asked["both"].labels == sick
+    assert (asked["both"].findings, asked["both"].impression) == (findings, impression)
+    assert asked["labels"].labels == sick and not asked["labels"].findings
+    assert (asked["findings"].findings, asked["findings"].impression) == (
+        findings,
+        normal_impression,
+    )
+    assert (asked["impression"].findings, asked["impression"].impression) == (
+        normal_findings,
+        impression,
+    )
+    # Without the finding every text way asks the same normal report.
+    for by in ("text", "findings", "impression"):
+        plain = response_request(3, NONE, by=by, spacing_mm=spacing)
+        assert (plain.findings, plain.impression) == (normal_findings, normal_impression)
+    with pytest.raises(ValueError, match="by must be one of"):
+        response_request(3, sick, by="report", spacing_mm=spacing)
 
 
 def test_unknown_finding_has_no_metric():
