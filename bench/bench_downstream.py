@@ -263,13 +263,9 @@ def main() -> None:
     for row in arm_rows(seg["arms"]):
         print("  " + row)
     for way, (with_, without) in WAYS.items():
-        per_seed = [
-            a - b
-            for a, b in zip(seg["arms"][with_].per_seed, seg["arms"][without].per_seed, strict=True)
-        ]
         print(
             f"  gain {way:10s} ({with_} - {without}) per seed "
-            + " ".join(f"{d:+.3f}" for d in per_seed)
+            + " ".join(f"{d:+.3f}" for d in seg["gains_per_seed"][way])
             + f"  mean {seg['gains'][way]:+.3f}"
         )
     print(f"  {'class':36s} " + " ".join(f"{name:>15s}" for name in seg["arms"]))

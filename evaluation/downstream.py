@@ -452,8 +452,8 @@ def segmentation_gain(
       schedule at FINE_TUNE_LR), against the same two phases both on real
       ("real, real", "generated, real").
 
-    `gains` = Dice with generated - without, per way; `gain` is the
-    pretrained one. Every arm and both gains are reported."""
+    `gains` = Dice with generated - without, per way (`gains_per_seed`:
+    seed by seed); `gain` is the pretrained one. Every arm and both gains are reported."""
     both = tuple(torch.cat([a, b]) for a, b in zip(real, generated, strict=True))
     arms = {
         "real": [Phase(real, steps)],
@@ -463,7 +463,11 @@ def segmentation_gain(
     }
     arms = {name: segmentation_arm(name, phases, test, **arm_args) for name, phases in arms.items()}
     gains = {way: arms[with_].mean - arms[without].mean for way, (with_, without) in WAYS.items()}
-    return {"arms": arms, "gains": gains, "gain": gains["pretrained"]}
+    per_seed = {
+        way: [a - b for a, b in zip(arms[with_].per_seed, arms[without].per_seed, strict=True)]
+        for way, (with_, without) in WAYS.items()
+    }
+    return {"arms": arms, "gains": gains, "gains_per_seed": per_seed, "gain": gains["pretrained"]}
 
 
 def arm_rows(arms: Mapping[str, Arm]) -> list[str]:
