@@ -60,7 +60,7 @@ class DemoRecipe:
     vae_crop: tuple[int, int, int] = (32, 32, 32)
     ldm: TrainConfig = field(
         default_factory=lambda: TrainConfig(
-            steps=2400,
+            steps=3600,
             micro_batch=8,
             lr=3e-4,
             warmup_steps=40,
@@ -73,7 +73,7 @@ class DemoRecipe:
     # training/label_token.py).
     labels: TrainConfig | None = field(
         default_factory=lambda: TrainConfig(
-            steps=400,
+            steps=800,
             micro_batch=8,
             lr=1e-2,
             warmup_steps=20,

@@ -53,13 +53,13 @@ def demo_bundle(
         None, "--vae-steps", min=1, help="(default: the recipe's, 500)"
     ),
     ldm_steps: int | None = typer.Option(
-        None, "--ldm-steps", min=1, help="(default: the recipe's, 2400 of 8)"
+        None, "--ldm-steps", min=1, help="(default: the recipe's, 3600 of 8)"
     ),
     label_steps: int | None = typer.Option(
         None,
         "--label-steps",
         min=0,
-        help="label-token steps of 8 on the frozen text model (default: the recipe's, 400; "
+        help="label-token steps of 8 on the frozen text model (default: the recipe's, 800; "
         "0: the label token trained jointly with the UNet)",
     ),
     control_steps: int | None = typer.Option(

@@ -69,8 +69,8 @@ def test_unknown_finding_has_no_metric():
 @pytest.mark.slow
 def test_committed_demo_bundle_draws_what_its_reports_say():
     """Measured with bench/bench_demo_response.py over 8 seeds: effusion
-    +207 mL (sem 34) of fluid in the pleural region, cardiomegaly +1377 mL
-    (sem 80) of soft tissue between the lungs, both in 8/8 seeds. Here 3
+    +242 mL (sem 27) of fluid in the pleural region, cardiomegaly +718 mL
+    (sem 42) of soft tissue between the lungs, both in 8/8 seeds. Here 3
     seeds the bench never draws (it takes 7000 + k), so the test is not the
     bench's own sample: most seeds and the mean must show each finding."""
     from report2ct.bundle import load_bundle
@@ -86,15 +86,16 @@ def test_committed_demo_bundle_draws_what_its_reports_say():
 @pytest.mark.slow
 def test_committed_demo_bundle_draws_findings_asked_by_labels_alone():
     """Measured with bench/bench_demo_response.py --by labels over 8 seeds:
-    by labels alone cardiomegaly +180 mL (sem 15, 8/8 seeds), emphysema
-    +76 mL (sem 9, 8/8), effusion +55 mL (sem 17, 7/8); see docs/masks.md.
+    by labels alone cardiomegaly +84 mL (sem 13, 8/8 seeds), emphysema
+    +72 mL (sem 9, 8/8), effusion +70 mL (sem 19, 8/8); see docs/masks.md.
     Here 3 seeds the bench never draws: cardiomegaly and emphysema by labels
-    alone, against the same seeds' normal volumes."""
+    alone, against the same seeds' normal volumes (a finding the token does
+    not draw, like the nodule, gives 0 mL)."""
     from report2ct.bundle import load_bundle
 
     model = load_bundle("report2ct/bundles/demo")
     seeds = [8100, 8101, 8102]
     heart, normal = paired_response(model, "Cardiomegaly", seeds, by="labels")
     emphysema, _ = paired_response(model, "Emphysema", seeds, normal=normal, by="labels")
-    assert (heart > 0).all() and heart.mean() > 60, heart
+    assert (heart > 0).all() and heart.mean() > 30, heart
     assert (emphysema > 0).sum() >= 2 and emphysema.mean() > 20, emphysema
