@@ -54,9 +54,11 @@ def condition_variants(
 def guidance_variants(
     bundle: str, *, scales_on: Sequence[float] = GUIDANCE_ON, prefix: str = ""
 ) -> list[Variant]:
-    """Guidance off, then on at each of `scales_on`, for one bundle."""
+    """Guidance off, then on at each of `scales_on`, for one bundle; a scale
+    given twice, or the off scale itself, adds no second identical row."""
     rows = [Variant(f"{prefix}guidance off (s={GUIDANCE_OFF:g})", bundle, GUIDANCE_OFF)]
-    return rows + [Variant(f"{prefix}guidance s={s:g}", bundle, s) for s in scales_on]
+    on = [s for s in dict.fromkeys(scales_on) if s != GUIDANCE_OFF]
+    return rows + [Variant(f"{prefix}guidance s={s:g}", bundle, s) for s in on]
 
 
 def generate_cases(

@@ -67,3 +67,14 @@ def test_ablate_refuses_a_missing_bundle_before_any_work(tmp_path):
     args = ["--bundle", f"x={tmp_path / 'nope'}", "--reference", str(tmp_path)]
     result = CliRunner().invoke(app, ["ablate", *args, "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and not (tmp_path / "out").exists()
+
+
+def test_guidance_off_scale_is_one_row():
+    from evaluation.ablation import guidance_variants
+
+    rows = guidance_variants("b", scales_on=[1.0, 5.0, 5.0, 3.0])
+    assert [(r.name, r.guidance_scale) for r in rows] == [
+        ("guidance off (s=1)", 1.0),
+        ("guidance s=5", 5.0),
+        ("guidance s=3", 3.0),
+    ]
