@@ -140,3 +140,26 @@ def paired_response(
         region = regions(b)
         diffs.append(metric(finding, a, region, voxel_ml) - metric(finding, b, region, voxel_ml))
     return np.array(diffs), normal
+
+
+def phantom_response(
+    finding: str, seeds: Sequence[int], *, shape, spacing_mm
+) -> tuple[float, float]:
+    """The phantom world's own effect of `finding` on its metric, the size a
+    bundle's response should approach (more is not better): (mean over the
+    phantoms of `seeds` drawn with the finding minus the mean over the same
+    seeds' normal phantoms, its standard error), each volume measured in its
+    own regions. Not paired: requesting a finding redraws a phantom's
+    anatomy, so the same seed's two phantoms differ beyond the finding."""
+    voxel_ml = float(np.prod(spacing_mm)) / 1000
+
+    def measured(requested: dict[str, int]) -> np.ndarray:
+        volumes = (
+            make_phantom(s, shape=shape, spacing_mm=spacing_mm, requested=requested).volume_hu
+            for s in seeds
+        )
+        return np.array([metric(finding, v, regions(v), voxel_ml) for v in volumes])
+
+    sick, normal = measured({**NONE, finding: 1}), measured(NONE)
+    sem = np.sqrt(sick.var(ddof=1) / len(sick) + normal.var(ddof=1) / len(normal))
+    return float(sick.mean() - normal.mean()), float(sem)

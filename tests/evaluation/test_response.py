@@ -11,6 +11,7 @@ from evaluation.response import (
     metric,
     paired_response,
     phantom_report,
+    phantom_response,
     regions,
     response_request,
 )
@@ -58,6 +59,19 @@ def test_each_way_asks_the_finding_where_it_says():
         assert (plain.findings, plain.impression) == (normal_findings, normal_impression)
     with pytest.raises(ValueError, match="by must be one of"):
         response_request(3, sick, by="report", spacing_mm=spacing)
+
+
+def test_phantom_world_effect_is_the_size_of_its_finding():
+    """The reference a bundle's response is read against: phantoms drawn
+    with cardiomegaly have several hundred mL more soft tissue between the
+    lungs than normal ones, and emphysematous ones far more lung below
+    -930 HU, each well beyond its standard error."""
+    grid = {"shape": (48, 48, 32), "spacing_mm": (8.0, 8.0, 10.0)}
+    seeds = range(100, 108)
+    heart, heart_sem = phantom_response("Cardiomegaly", seeds, **grid)
+    emphysema, emphysema_sem = phantom_response("Emphysema", seeds, **grid)
+    assert 200 < heart < 1500 and heart > 3 * heart_sem, (heart, heart_sem)
+    assert emphysema > 3 * emphysema_sem, (emphysema, emphysema_sem)
 
 
 def test_unknown_finding_has_no_metric():
