@@ -19,6 +19,12 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray runs its workers at niceness 15, so on a machine busy with other work
+# (another job, a benchmark) they get a few percent of a core and a 40 s job
+# takes over 6 min: the chaos suite's deadlines then fail on load, not on a
+# fault. At niceness 0 the tests' workers slow down with the load like
+# everything else (the kill test: 109 s with four busy loops beside it).
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 
 @pytest.fixture(scope="session")
